@@ -1,0 +1,69 @@
+"""Run artefacts that outlive the run: atomic writes and the portable `backbone.pt` format."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ssl_lab.errors import DataError
+
+BACKBONE_FORMAT = "ssl_lab.backbone"
+BACKBONE_VERSION = 1
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Write through a temporary file in the same folder, then rename: a kill leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
+    def _write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    return atomic_write(path, _write)
+
+
+def save_backbone(path: str | Path, backbone: nn.Module, meta: Mapping[str, Any]) -> Path:
+    """Encoder weights plus a plain-python header, loadable with `torch.load(weights_only=True)`."""
+    payload = {"format": BACKBONE_FORMAT, "version": BACKBONE_VERSION, "meta": dict(meta),
+               "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()}}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_backbone_file(path: str | Path) -> dict[str, Any]:
+    """Read and check a `backbone.pt`; every failure names the file and what is wrong with it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "backbone.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: no such backbone file; pass a run directory or its backbone.pt.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise DataError(f"{path}: cannot be read as a checkpoint (corrupt or truncated?): {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
+        raise DataError(f"{path}: not an ssl_lab backbone file (no '{BACKBONE_FORMAT}' header); "
+                        "export one with task=pretrain.")
+    if payload.get("version") != BACKBONE_VERSION:
+        raise DataError(f"{path}: backbone format version {payload.get('version')} is not supported "
+                        f"(this ssl_lab reads version {BACKBONE_VERSION}).")
+    return payload

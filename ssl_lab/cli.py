@@ -1,0 +1,35 @@
+"""Turns a failed check into one readable line on stderr and exit status 2, instead of a traceback."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+
+from ssl_lab.errors import SSLLabError
+from ssl_lab.tasks import run
+
+log = logging.getLogger("ssl_lab")
+
+
+def _fail(message: str) -> None:
+    log.error(message)
+    print(f"ssl_lab: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_or_exit(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        summary = run(cfg)
+    except SSLLabError as err:
+        _fail(str(err))
+    except MissingMandatoryValue as err:
+        _fail(f"{err.full_key} must be set (it is ??? in the config); pass {err.full_key}=<value>.")
+    except InstantiationException as err:
+        cause = err.__cause__
+        _fail(str(cause) if isinstance(cause, SSLLabError) else str(err).strip())
+    print(f"ssl_lab: {summary['task']} finished; outputs in {summary['run_dir']}")
+    return summary

@@ -1,0 +1,59 @@
+"""Cross-field checks that no single constructor can see, run once before training, each with the fix."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ssl_lab.augment import RGB_ONLY
+from ssl_lab.errors import ConfigError
+
+TASKS = ("pretrain",)
+
+
+def view_size(cfg: DictConfig, image_shape: tuple[int, int]) -> int:
+    """The side of the views the backbone sees: augment.size, or the data's own (smaller) side."""
+    size = cfg.augment.get("size")
+    return int(size) if size is not None else int(min(image_shape))
+
+
+def validate(cfg: DictConfig, datamodule: Any) -> None:
+    """Refuse combinations that would fail late, train on the wrong thing, or silently change the data."""
+    data_name = cfg.dataset.get("name", "dataset")
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task={cfg.task.name} is not a known task; choose one of: {', '.join(TASKS)}.")
+    chans = int(datamodule.in_chans)
+    if int(cfg.backbone.in_chans) != chans:
+        raise ConfigError(
+            f"backbone.in_chans={cfg.backbone.in_chans} but dataset {data_name} has {chans} channel(s); "
+            f"remove the backbone.in_chans override (it follows dataset.in_chans) or set it to {chans}."
+        )
+    rgb_ops = sorted(set(cfg.augment.ops or {}) & RGB_ONLY)
+    if rgb_ops and chans != 3:
+        raise ConfigError(
+            f"augment={cfg.augment.name} uses {', '.join(rgb_ops)}, which need RGB images, but dataset {data_name} "
+            f"has {chans} channel(s); use augment=physics or augment=minimal, or drop the op with "
+            + " ".join(f"~augment.ops.{op}" for op in rgb_ops) + "."
+        )
+    height, width = datamodule.image_shape
+    size = view_size(cfg, (height, width))
+    if size < 1 or size > min(height, width):
+        raise ConfigError(
+            f"augment.size={size} does not fit dataset {data_name}'s {height}x{width} images; "
+            f"choose a view size from 1 to {min(height, width)} (or null for the image size)."
+        )
+    batch = int(cfg.dataset.batch_size)
+    if batch < 2:
+        raise ConfigError(f"dataset.batch_size={batch}: self-supervised losses compare samples within a batch; "
+                          "use at least 2.")
+    n_train = int(datamodule.summary().get("n_train", batch))
+    if batch > n_train:
+        raise ConfigError(
+            f"dataset.batch_size={batch} is larger than the {n_train} training images of {data_name}, so no full "
+            f"batch can be formed; set dataset.batch_size to at most {n_train}."
+        )
+    if float(cfg.optim.lr) <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive.")
+    resume = cfg.get("resume")
+    if resume not in (None, "auto") and not str(resume).endswith(".ckpt"):
+        raise ConfigError(f"resume={resume}: use resume=auto (continue this run_dir) or a path to a .ckpt file.")

@@ -1,0 +1,193 @@
+"""Shared pieces of every data module: loaders, resumable shuffling, splits and streamed channel statistics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssl_lab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+NAN_POLICIES = ("error", "zero", "drop")
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch), so a resumed run replays the same order as an unbroken one.
+
+    Lightning calls ``set_epoch`` before each epoch (and forwards it through its DDP wrapper, which shards this
+    permutation identically on every rank because every rank draws the same one).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        if n < 0:
+            raise ValueError(f"EpochSeededSampler needs n >= 0, got {n}")
+        self.n = int(n)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def check_fraction(val_fraction: float) -> float:
+    """Reject a val_fraction that would leave no training data (or is not a fraction at all)."""
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ConfigError(f"dataset.val_fraction={val_fraction} is not in [0, 1); use e.g. dataset.val_fraction=0.2.")
+    return float(val_fraction)
+
+
+def split_indices(
+    n: int, val_fraction: float, seed: int, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random train/val split, stratified by label when labels exist so both splits keep the class ratios.
+
+    Returns sorted int64 index arrays (sorted order reads files sequentially).
+    """
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    val = [g[rng.permutation(len(g))[: int(round(val_fraction * len(g)))]] for g in groups]
+    val_idx = np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
+    mask = np.ones(n, bool)
+    mask[val_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), val_idx
+
+
+class ChannelStats:
+    """Per-channel mean and (population) std merged block by block (Chan et al.), so no pass holds the whole data."""
+
+    def __init__(self, channels: int) -> None:
+        self.count = 0  # pixels per channel
+        self.samples = 0
+        self.mean = np.zeros(channels, np.float64)
+        self.m2 = np.zeros(channels, np.float64)
+
+    def update(self, block: np.ndarray, channel_axis: int = 1) -> None:
+        """Add a block of samples [B, ...] whose channels lie on ``channel_axis``."""
+        if block.shape[0] == 0:
+            return
+        axes = tuple(a for a in range(block.ndim) if a != channel_axis)
+        n = block.size // block.shape[channel_axis]
+        t = torch.from_numpy(np.ascontiguousarray(block)).float()
+        var, mean = (v.double().numpy() for v in torch.var_mean(t, dim=axes, correction=0))  # one pass, no temps
+        m2 = var * n
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + np.square(delta) * (self.count * n / total)
+        self.count = total
+        self.samples += block.shape[0]
+
+    def result(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float32 tensors, multiplied by ``scale`` (1/255 for uint8 data)."""
+        if self.count == 0:
+            raise DataError("no training samples were available to compute normalisation statistics.")
+        std = np.sqrt(self.m2 / self.count)
+        flat = std * scale < 1e-12
+        if flat.any():
+            log.warning("channels %s are constant in the training data: their std is set to 1", np.flatnonzero(flat))
+        std = np.where(flat, 1.0 / scale, std)
+        return (torch.tensor(self.mean * scale, dtype=torch.float32), torch.tensor(std * scale, dtype=torch.float32))
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Common loaders, attributes and summary; subclasses implement ``_setup`` to fill them once.
+
+    After ``setup`` a subclass must have set: train_set, val_set, image_shape, num_classes, class_names,
+    target_names, mean, std.
+    """
+
+    def __init__(
+        self, name: str, in_chans: int, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
+        stats_max_samples: int = 4096,
+    ) -> None:
+        super().__init__()
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ConfigError(f"dataset.in_chans={in_chans!r} must be a positive integer (the data's channel count).")
+        if batch_size < 1:
+            raise ConfigError(f"dataset.batch_size={batch_size} must be >= 1.")
+        if num_workers < 0:
+            raise ConfigError(f"dataset.num_workers={num_workers} must be >= 0.")
+        if stats_max_samples < 1:
+            raise ConfigError(f"dataset.stats_max_samples={stats_max_samples} must be >= 1.")
+        self.name = name
+        self.in_chans = in_chans
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.stats_max_samples = stats_max_samples
+        self.image_shape: tuple[int, int] | None = None
+        self.num_classes: int | None = None
+        self.class_names: list[str] | None = None
+        self.target_names: list[str] = []
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self._ready = False
+
+    def setup(self, stage: str | None = None) -> None:
+        """Lightning may call this for several stages; the work (I/O, validation, stats) happens once."""
+        if not self._ready:
+            self._setup()
+            self._ready = True
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    def _require_setup(self) -> None:
+        if not self._ready:
+            raise RuntimeError(f"{type(self).__name__}: call prepare_data() and setup() before using the data.")
+
+    def norm_stats(self) -> dict[str, list[float]]:
+        self._require_setup()
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = EpochSeededSampler(len(dataset), self.seed, shuffle=train)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train, num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        if len(self.train_set) < self.batch_size:
+            raise DataError(
+                f"dataset {self.name!r}: the train split has {len(self.train_set)} samples, fewer than "
+                f"batch_size={self.batch_size}, so drop_last would give no batch; lower dataset.batch_size."
+            )
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.val_set, train=False)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain facts for the task to log."""
+        self._require_setup()
+        return {
+            "name": self.name, "in_chans": self.in_chans, "image_shape": list(self.image_shape),
+            "n_train": len(self.train_set), "n_val": len(self.val_set), "num_classes": self.num_classes,
+            "target_names": list(self.target_names), **self._summary_extra(), **self.norm_stats(),
+        }
+
+    def _summary_extra(self) -> dict[str, Any]:
+        return {}

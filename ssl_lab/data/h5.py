@@ -1,0 +1,333 @@
+"""HDF5 images (any channel count, NCHW or NHWC) with optional labels and regression targets.
+
+Files can be far larger than memory (e.g. 30 GB of 8x125x125 float32 jets), so nothing here loads the image
+dataset whole unless ``in_memory=True``: setup streams bounded, chunk-aligned blocks, and workers read one sample at
+a time through their own lazily opened handle (h5py handles must not cross a fork or a pickle).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ssl_lab.data.base import NAN_POLICIES, BaseDataModule, ChannelStats, check_fraction, split_indices
+from ssl_lab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+FULL_SCAN_BLOCK_BYTES = 64 << 20  # drop / in-memory scans read everything: large blocks for throughput
+SAMPLE_SCAN_BLOCK_BYTES = 4 << 20  # bounded scans pick random blocks: small ones spread the sample over the file
+
+
+class H5Dataset(Dataset):
+    """Reads sample ``indices[i]`` as a dict; opens the file on first use in each process."""
+
+    def __init__(
+        self, path: str, key: str, indices: np.ndarray, layout: str, labels: np.ndarray | None,
+        targets: np.ndarray | None, nan_policy: str, array: np.ndarray | None = None, cache_bytes: int = 1 << 20,
+    ) -> None:
+        self.path, self.key, self.indices, self.layout = path, key, indices, layout
+        self.labels, self.targets, self.nan_policy, self.array = labels, targets, nan_policy, array
+        self.cache_bytes = cache_bytes
+        self._file: h5py.File | None = None
+        self._ds: h5py.Dataset | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_ds": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _images(self) -> Any:
+        if self.array is not None:
+            return self.array
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=self.cache_bytes)
+            self._ds, self._pid = self._file[self.key], os.getpid()
+        return self._ds
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """x may be a transposed view (NHWC files): the collate's stack makes it contiguous in the same copy."""
+        j = int(self.indices[i])
+        a = self._images()[j]
+        if a.dtype != np.uint8:
+            if a.dtype != np.float32 or self.array is not None:
+                a = a.astype(np.float32)  # a copy: in-place fixes below never touch in-memory data
+            # a float64 sum of finite float32 values cannot overflow, so it is finite iff every pixel is
+            if self.nan_policy != "drop" and not np.isfinite(a.sum(dtype=np.float64)):
+                bad = ~np.isfinite(a)
+                if self.nan_policy == "error":
+                    raise DataError(
+                        f"{self.path}: key '{self.key}' sample {j} has {int(bad.sum())} non-finite pixels; "
+                        "set dataset.nan_policy=zero or dataset.nan_policy=drop."
+                    )
+                a[bad] = 0.0
+        x = torch.from_numpy(a)
+        x = x[None] if self.layout == "NHW" else x.permute(2, 0, 1) if self.layout == "NHWC" else x
+        out = {"x": x}
+        if self.labels is not None:
+            out["y"] = torch.tensor(self.labels[j], dtype=torch.int64)
+        if self.targets is not None:
+            out["targets"] = torch.from_numpy(self.targets[j])
+        return out
+
+
+class H5DataModule(BaseDataModule):
+    """Images, labels and targets from one HDF5 file; see the module docstring for why it streams."""
+
+    def __init__(
+        self, name: str, path: str, in_chans: int, image_key: str = "images", label_key: str | None = None,
+        target_keys: Sequence[str] = (), layout: str = "NCHW", split_key: str | None = None,
+        val_fraction: float = 0.2, nan_policy: str = "zero", in_memory: bool = False,
+        labelled_path: str | None = None, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
+        stats_max_samples: int = 4096,
+    ) -> None:
+        super().__init__(name, in_chans, batch_size, num_workers, seed, stats_max_samples)
+        if nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"dataset.nan_policy={nan_policy!r} is not one of {', '.join(NAN_POLICIES)}.")
+        if str(layout).upper() not in ("NCHW", "NHWC"):
+            raise ConfigError(f"dataset.layout={layout!r} must be NCHW or NHWC.")
+        self.path = path
+        self.image_key, self.label_key, self.target_keys = image_key, label_key, list(target_keys)
+        self.layout = str(layout).upper()
+        self.split_key, self.val_fraction = split_key, check_fraction(val_fraction)
+        self.nan_policy, self.in_memory, self.labelled_path = nan_policy, in_memory, labelled_path
+        self.facts: dict[str, Any] = {}
+
+    # ---- validation helpers -------------------------------------------------------------------------------
+    def _get(self, f: h5py.File, key: str, option: str) -> h5py.Dataset:
+        obj = f.get(key)
+        if isinstance(obj, h5py.Dataset):
+            return obj
+        names: list[str] = []
+        f.visititems(lambda k, v: names.append(k) if isinstance(v, h5py.Dataset) else None)
+        listing = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "") or "(none)"
+        raise DataError(f"{self.path}: key '{key}' not found; available keys: {listing}. Set {option} to one of them.")
+
+    def _check_images(self, ds: h5py.Dataset) -> tuple[str, tuple[int, int]]:
+        """Return the read layout ("NCHW", "NHWC" or "NHW") and (H, W), or explain what does not match."""
+        where, shape, c_want = f"{self.path}: key '{self.image_key}'", tuple(ds.shape), self.in_chans
+        if ds.dtype.kind not in "uif":
+            raise DataError(f"{where} has dtype {ds.dtype}; store images as uint8 or float numbers.")
+        if ds.ndim == 3:
+            if c_want != 1:
+                raise DataError(
+                    f"{where} has 3-D shape {shape}, read as (N, H, W) with one channel, but dataset.in_chans="
+                    f"{c_want}; set dataset.in_chans=1, or store the images 4-D as (N, C, H, W)."
+                )
+            layout, hw = "NHW", shape[1:]
+        elif ds.ndim == 4:
+            c_axis, other_axis, other = (1, 3, "NHWC") if self.layout == "NCHW" else (3, 1, "NCHW")
+            if shape[c_axis] != c_want:
+                hint = (
+                    f"axis {other_axis} has {c_want}, so the file looks {other}: set dataset.layout={other}."
+                    if shape[other_axis] == c_want
+                    else f"set dataset.in_chans={shape[c_axis]} if the file is right."
+                )
+                raise DataError(
+                    f"{where} has {shape[c_axis]} channels (shape {shape}, layout {self.layout}) but "
+                    f"dataset.in_chans={c_want}; {hint}"
+                )
+            layout, hw = self.layout, (shape[2:] if self.layout == "NCHW" else shape[1:3])
+        else:
+            raise DataError(
+                f"{where} has {ds.ndim}-D shape {shape}; expected 4-D (N, C, H, W) with dataset.layout=NCHW, "
+                "(N, H, W, C) with dataset.layout=NHWC, or 3-D (N, H, W) with dataset.in_chans=1."
+            )
+        if shape[0] == 0:
+            raise DataError(f"{where} holds 0 images (shape {shape}); point dataset.path at a file with data.")
+        return layout, (int(hw[0]), int(hw[1]))
+
+    def _column(self, f: h5py.File, key: str, n: int, option: str) -> np.ndarray:
+        ds = self._get(f, key, option)
+        if tuple(ds.shape) not in ((n,), (n, 1)):
+            raise DataError(
+                f"{self.path}: key '{key}' has shape {tuple(ds.shape)} but '{self.image_key}' has {n} images; "
+                f"{option} must name an (N,) or (N, 1) dataset with one value per image."
+            )
+        return ds[()].reshape(n)
+
+    def _labels(self, f: h5py.File, n: int) -> tuple[np.ndarray, list[str]]:
+        raw = self._column(f, self.label_key, n, "dataset.label_key")
+        where = f"{self.path}: key '{self.label_key}'"
+        if raw.dtype.kind not in "iufb":
+            raise DataError(f"{where} has dtype {raw.dtype}; labels must be integer class ids 0..K-1.")
+        if raw.dtype.kind == "f" and not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
+            raise DataError(f"{where} holds non-integer or non-finite values; labels must be class ids 0..K-1.")
+        labels = raw.astype(np.int64)
+        if labels.min() < 0:
+            raise DataError(f"{where} has negative label {labels.min()}; labels must be class ids 0..K-1.")
+        names = f[self.label_key].attrs.get("class_names", f.attrs.get("class_names"))
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in names] if names is not None else []
+        k = max(len(names), int(labels.max()) + 1)
+        if names and len(names) < k:
+            raise DataError(f"{where} has label {k - 1} but attrs class_names lists only {len(names)} classes.")
+        return labels, names or [str(i) for i in range(k)]
+
+    def _split(self, f: h5py.File, n: int, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if self.split_key is None:
+            return split_indices(n, self.val_fraction, self.seed, labels)
+        tags = self._column(f, self.split_key, n, "dataset.split_key")
+        if tags.dtype.kind in "SUO":
+            tags = np.array([t.decode() if isinstance(t, bytes) else str(t) for t in tags]).astype(str)
+            tags = np.char.lower(np.char.strip(tags))
+            is_train, is_val = tags == "train", np.isin(tags, ["val", "valid", "validation"])
+        else:
+            is_train, is_val = tags == 0, tags == 1
+        if not (is_train | is_val).all():
+            bad = np.unique(tags[~(is_train | is_val)])[:5].tolist()
+            raise DataError(
+                f"{self.path}: key '{self.split_key}' has split tags {bad}; use 0/1 or 'train'/'val' per image, "
+                "or unset dataset.split_key to split by dataset.val_fraction."
+            )
+        return np.flatnonzero(is_train).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+    # ---- streamed scan ------------------------------------------------------------------------------------
+    @staticmethod
+    def _block_rows(ds: Any, target_bytes: int, max_rows: int) -> int:
+        """Rows per read: about target_bytes, at most max_rows, a whole number of HDF5 chunks."""
+        row_bytes = max(1, math.prod(ds.shape[1:]) * ds.dtype.itemsize)
+        chunk = ds.chunks[0] if getattr(ds, "chunks", None) else 1
+        rows = min(max(1, target_bytes // row_bytes), max_rows)
+        return max(chunk, (rows // chunk) * chunk)
+
+    def _scan(self, ds: Any, n: int, train_idx: np.ndarray, layout: str) -> tuple[ChannelStats, np.ndarray, int, int]:
+        """One pass over chosen blocks: per-channel stats on up to stats_max_samples train rows, non-finite counts.
+
+        Every block is read when samples must be dropped (all bad ones must be known) or the data is in memory;
+        otherwise random blocks are read until they hold enough train rows, so setup time stays bounded.
+        Returns (stats, indices of samples with non-finite pixels, non-finite pixel count, samples scanned).
+        """
+        rng = np.random.default_rng(self.seed + 1)
+        full = self.nan_policy == "drop" or isinstance(ds, np.ndarray)
+        if full:
+            rows = self._block_rows(ds, FULL_SCAN_BLOCK_BYTES, n)
+        else:  # at least ~8 random blocks, so the sample is spread over a file that may be sorted by class
+            rows = self._block_rows(ds, SAMPLE_SCAN_BLOCK_BYTES, -(-self.stats_max_samples // 8))
+        starts = np.arange(0, n, rows)
+        is_train = np.zeros(n, bool)
+        is_train[train_idx] = True
+        if full:
+            chosen = starts
+            pool = train_idx
+        else:
+            covered, picked = 0, []
+            for s in starts[rng.permutation(len(starts))]:
+                picked.append(s)
+                covered += int(is_train[s : s + rows].sum())
+                if covered >= self.stats_max_samples:
+                    break
+            chosen = np.sort(np.array(picked, dtype=np.int64))
+            pool = np.concatenate([np.flatnonzero(is_train[s : s + rows]) + s for s in chosen])
+        in_stats = np.zeros(n, bool)
+        in_stats[rng.choice(pool, min(len(pool), self.stats_max_samples), replace=False)] = True
+        c_axis = {"NCHW": 1, "NHWC": 3, "NHW": 1}[layout]
+        stats = ChannelStats(self.in_chans)
+        bad_samples: list[np.ndarray] = []
+        bad_pixels = scanned = 0
+        for s in chosen:
+            blk = ds[s : s + rows]
+            if layout == "NHW":
+                blk = blk[:, None]
+            sel = in_stats[s : s + len(blk)]
+            scanned += len(blk)
+            if blk.dtype.kind == "f":
+                finite = np.isfinite(blk)
+                if not finite.all():
+                    row_bad = ~finite.reshape(len(blk), -1).all(axis=1)
+                    bad_samples.append(np.flatnonzero(row_bad) + s)
+                    bad_pixels += int(finite.size - np.count_nonzero(finite))
+                    blk = np.where(finite, blk, 0).astype(blk.dtype)
+                    if self.nan_policy == "drop":
+                        sel = sel & ~row_bad
+            if sel.any():
+                stats.update(blk[sel], channel_axis=c_axis)
+        bad = np.concatenate(bad_samples) if bad_samples else np.zeros(0, np.int64)
+        return stats, bad.astype(np.int64), bad_pixels, scanned
+
+    # ---- setup --------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        path = Path(str(self.path)).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path}: file not found; check dataset.path (relative paths start at the run directory).")
+        if self.labelled_path is not None and not Path(str(self.labelled_path)).expanduser().is_file():
+            raise DataError(f"{self.labelled_path}: labelled file not found; check dataset.labelled_path.")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise DataError(f"{path}: cannot be opened as HDF5 ({e}); check dataset.path points to an HDF5 file.")
+        with f:
+            ds = self._get(f, self.image_key, "dataset.image_key")
+            layout, self.image_shape = self._check_images(ds)
+            n = int(ds.shape[0])
+            labels = names = targets = None
+            if self.label_key is not None:
+                labels, names = self._labels(f, n)
+            bad_targets = np.zeros(0, np.int64)
+            if self.target_keys:
+                cols = [self._column(f, k, n, "dataset.target_keys") for k in self.target_keys]
+                targets = np.stack(cols, axis=1).astype(np.float32)
+                bad_targets = np.flatnonzero(~np.isfinite(targets).all(axis=1))
+                if len(bad_targets) and self.nan_policy != "drop":
+                    key = self.target_keys[int(np.flatnonzero(~np.isfinite(targets[bad_targets[0]]))[0])]
+                    raise DataError(
+                        f"{path}: key '{key}' has non-finite targets in {len(bad_targets)} samples (first at index "
+                        f"{bad_targets[0]}); set dataset.nan_policy=drop to remove those samples or fix the file."
+                    )
+            train_idx, val_idx = self._split(f, n, labels)
+            if len(train_idx) == 0:
+                raise DataError(f"{path}: the train split is empty; check dataset.split_key or dataset.val_fraction.")
+            array = None
+            if self.in_memory:
+                array = ds[()]
+            cache = ds.chunks and math.prod(ds.chunks) * ds.dtype.itemsize
+            stats, bad, bad_pixels, scanned = self._scan(array if array is not None else ds, n, train_idx, layout)
+            dtype = ds.dtype
+        if len(bad) and self.nan_policy == "error":
+            raise DataError(
+                f"{path}: key '{self.image_key}' has non-finite (NaN/Inf) pixels in {len(bad)} of {scanned} samples "
+                f"scanned (first at index {bad[0]}); set dataset.nan_policy=zero to replace them by 0 or "
+                "dataset.nan_policy=drop to remove those samples."
+            )
+        dropped = np.union1d(bad, bad_targets) if self.nan_policy == "drop" else np.zeros(0, np.int64)
+        if len(dropped):
+            train_idx, val_idx = np.setdiff1d(train_idx, dropped), np.setdiff1d(val_idx, dropped)
+            log.warning("%s: dropped %d samples with non-finite pixels or targets", path, len(dropped))
+            if len(train_idx) == 0:
+                raise DataError(f"{path}: every train sample has non-finite values; nothing is left to train on.")
+        elif len(bad):
+            log.warning(
+                "%s: replaced %d non-finite pixels in %d of %d scanned samples by 0 (unscanned samples are "
+                "zeroed at read time too)", path, bad_pixels, len(bad), scanned,
+            )
+        scale = 1 / 255 if dtype == np.uint8 else 1.0
+        self.mean, self.std = stats.result(scale)
+        self.num_classes = len(names) if names is not None else None
+        self.class_names = names
+        self.target_names = list(self.target_keys)
+        self.train_indices, self.val_indices = train_idx, val_idx
+        cache_bytes = int(min(512 << 20, max(1 << 20, 2 * (cache or 0))))
+        make = lambda idx: H5Dataset(  # noqa: E731
+            str(path), self.image_key, idx, layout, labels, targets, self.nan_policy, array, cache_bytes
+        )
+        self.train_set, self.val_set = make(train_idx), make(val_idx)
+        self.facts = {
+            "path": str(path), "image_key": self.image_key, "layout": self.layout, "dtype": str(dtype),
+            "n_images": n, "split": f"split_key={self.split_key}" if self.split_key else "seeded",
+            "nan_policy": self.nan_policy, "nan_scanned_samples": scanned, "nan_samples_found": len(bad),
+            "nan_pixels_replaced": bad_pixels if self.nan_policy == "zero" else 0, "dropped": len(dropped),
+            "stats_samples": stats.samples, "in_memory": self.in_memory, "labelled_path": self.labelled_path,
+        }
+
+    def _summary_extra(self) -> dict[str, Any]:
+        return dict(self.facts)

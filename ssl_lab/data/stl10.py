@@ -1,0 +1,122 @@
+"""STL-10 from the official binary files, memory-mapped so the 2.7 GB unlabeled split is never loaded whole."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ssl_lab.data.base import BaseDataModule, ChannelStats
+from ssl_lab.errors import ConfigError, DataError
+
+IMAGE_BYTES = 3 * 96 * 96
+CLASS_NAMES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+SPLITS = {"unlabeled": ["unlabeled"], "train": ["train"], "unlabeled+train": ["unlabeled", "train"]}
+LAYOUT = (
+    "expected <root>/stl10_binary/ with unlabeled_X.bin, train_X.bin, train_y.bin, test_X.bin, test_y.bin "
+    "(the official stl10_binary.tar.gz unpacked); set dataset.root to the folder that contains stl10_binary/"
+)
+
+
+class STL10Dataset(Dataset):
+    """Concatenation of .bin image files; each process maps the files itself (a memmap must not be pickled)."""
+
+    def __init__(self, files: list[str], counts: list[int], labels: np.ndarray | None) -> None:
+        self.files, self.labels = files, labels
+        self.offsets = np.cumsum([0, *counts])
+        self._maps: list[np.memmap] | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def images(self, part: int) -> np.memmap:
+        """Memory map of file ``part`` as [N, 3, 96(W), 96(H)] (the file stores each channel column-major)."""
+        if self._maps is None or self._pid != os.getpid():
+            self._maps = [np.memmap(f, np.uint8, "r").reshape(-1, 3, 96, 96) for f in self.files]
+            self._pid = os.getpid()
+        return self._maps[part]
+
+    def read(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return np.ascontiguousarray(self.images(part)[i - self.offsets[part]].transpose(0, 2, 1))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        out = {"x": torch.from_numpy(self.read(int(i)))}
+        if self.labels is not None:
+            out["y"] = torch.tensor(self.labels[i], dtype=torch.int64)
+        return out
+
+
+class STL10DataModule(BaseDataModule):
+    """Pretrain on ``split`` (unlabeled, train, or both); validate on the labelled test set."""
+
+    def __init__(
+        self, name: str, root: str, in_chans: int = 3, split: str = "unlabeled", batch_size: int = 64,
+        num_workers: int = 2, seed: int = 0, stats_max_samples: int = 4096,
+    ) -> None:
+        super().__init__(name, in_chans, batch_size, num_workers, seed, stats_max_samples)
+        if split not in SPLITS:
+            raise ConfigError(f"dataset.split={split!r} is not one of {', '.join(SPLITS)}.")
+        self.root, self.split = root, split
+
+    def _images(self, part: str) -> tuple[str, int]:
+        path = Path(str(self.root)).expanduser() / "stl10_binary" / f"{part}_X.bin"
+        if not path.is_file():
+            raise DataError(f"{path}: not found; {LAYOUT}.")
+        size = path.stat().st_size
+        if size == 0 or size % IMAGE_BYTES:
+            raise DataError(f"{path}: {size} bytes is not a whole number of 3x96x96 uint8 images; re-download it.")
+        return str(path), size // IMAGE_BYTES
+
+    def _labels(self, part: str, n: int) -> np.ndarray:
+        path = Path(str(self.root)).expanduser() / "stl10_binary" / f"{part}_y.bin"
+        if not path.is_file():
+            raise DataError(f"{path}: not found; {LAYOUT}.")
+        y = np.fromfile(path, np.uint8)
+        if len(y) != n:
+            raise DataError(f"{path}: {len(y)} labels for {n} images in {part}_X.bin; re-download the pair.")
+        if len(y) and (y.min() < 1 or y.max() > 10):
+            raise DataError(f"{path}: labels must be 1..10 as in the official files, found {y.min()}..{y.max()}.")
+        return y.astype(np.int64) - 1
+
+    def _setup(self) -> None:
+        if self.in_chans != 3:
+            raise DataError(f"STL-10 images have 3 channels but dataset.in_chans={self.in_chans}; set in_chans=3.")
+        parts = SPLITS[self.split]
+        files, counts = zip(*(self._images(p) for p in parts))
+        labels = self._labels("train", counts[0]) if parts == ["train"] else None
+        test_file, test_n = self._images("test")
+        self.train_set = STL10Dataset(list(files), list(counts), labels)
+        self.val_set = STL10Dataset([test_file], [test_n], self._labels("test", test_n))
+        names_file = Path(str(self.root)).expanduser() / "stl10_binary" / "class_names.txt"
+        names = names_file.read_text().split() if names_file.is_file() else []
+        self.class_names = names if len(names) == 10 else list(CLASS_NAMES)
+        self.num_classes, self.image_shape, self.target_names = 10, (96, 96), []
+        self.mean, self.std = self._stats()
+
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stats of x/255 over a seeded random sample of the pretraining split, read in sorted blocks."""
+        ds, n = self.train_set, len(self.train_set)
+        rng = np.random.default_rng(self.seed + 1)
+        idx = np.sort(rng.choice(n, min(n, self.stats_max_samples), replace=False))
+        stats = ChannelStats(3)
+        for part in range(len(ds.files)):
+            lo, hi = ds.offsets[part], ds.offsets[part + 1]
+            rows = idx[(idx >= lo) & (idx < hi)] - lo
+            for s in range(0, len(rows), 1024):  # column-major storage does not change per-channel stats
+                stats.update(np.asarray(ds.images(part)[rows[s : s + 1024]]), channel_axis=1)
+        ds._maps = None  # the main process need not keep the files mapped
+        return stats.result(1 / 255)
+
+    def _summary_extra(self) -> dict[str, Any]:
+        return {"root": str(self.root), "split": self.split, "val": "test"}

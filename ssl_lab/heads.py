@@ -1,0 +1,40 @@
+"""Projector / predictor / classifier heads as plain MLPs (one builder, sizes from the config)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ssl_lab.errors import ConfigError
+
+_NORMS = ("bn", "none")
+
+
+def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, norm: str = "bn", last_norm: bool = False,
+        last_bias: bool = True) -> nn.Sequential:
+    """Linear -> [BN] -> ReLU per hidden layer, then a final Linear (-> BN if ``last_norm``).
+
+    Hidden Linears drop their bias when BN follows (BN's shift makes it redundant). ``hidden_dims=[]`` gives a
+    single Linear, i.e. a linear probe. SimCLR: ``mlp(F, [2048], 128)``; Barlow: ``mlp(F, [8192, 8192], 8192)``.
+    """
+    if norm not in _NORMS:
+        raise ConfigError(f"Head norm '{norm}' is unknown; choose one of: {', '.join(_NORMS)}.")
+    dims = [in_dim, *hidden_dims, out_dim]
+    bad = [d for d in dims if isinstance(d, bool) or not isinstance(d, int) or d < 1]
+    if bad:
+        raise ConfigError(
+            f"Head sizes must be positive integers, got in_dim={in_dim}, hidden_dims={list(hidden_dims)}, "
+            f"out_dim={out_dim}; fix the head's size options."
+        )
+    use_bn = norm == "bn"
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers.append(nn.Linear(d_in, d_out, bias=not use_bn))
+        if use_bn:
+            layers.append(nn.BatchNorm1d(d_out))
+        layers.append(nn.ReLU(inplace=True))
+    layers.append(nn.Linear(dims[-2], out_dim, bias=last_bias))
+    if last_norm:
+        layers.append(nn.BatchNorm1d(out_dim))
+    return nn.Sequential(*layers)

@@ -1,0 +1,17 @@
+"""Logger factories that need a decision Lightning's constructors cannot make from config alone."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from lightning.pytorch.loggers import WandbLogger
+
+
+def wandb_logger(save_dir: str | Path, project: str = "ssl_lab", entity: str | None = None,
+                 tags: Sequence[str] = (), run_name: str | None = None) -> WandbLogger:
+    """Online only when WANDB_API_KEY is in the environment; wandb reads the key from there, so it never enters
+    the config, the logs or the run directory."""
+    offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+    return WandbLogger(project=project, entity=entity, tags=list(tags), name=run_name, save_dir=str(save_dir),
+                       offline=offline)

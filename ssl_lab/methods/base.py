@@ -1,0 +1,76 @@
+"""Plumbing every SSL method shares: views made on the device, parameter groups, schedule, logging.
+
+A method subclass only builds its heads and implements `loss(views) -> (loss, terms)`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ssl_lab.augment import Augment
+from ssl_lab.errors import ConfigError
+from ssl_lab.optim import build_optimizer, build_scheduler, param_groups
+
+_STEP_STRIDE = 1_000_003  # keeps (seed, step, rank) streams apart
+
+
+class SSLMethod(pl.LightningModule, ABC):
+    """Base LightningModule for self-supervised pretraining on unlabelled batches {"x": [B, C, H, W]}."""
+
+    def __init__(self, name: str, backbone: nn.Module, augment: Augment, optim: Mapping[str, Any], seed: int = 0):
+        super().__init__()
+        self.method_name = name
+        self.backbone = backbone
+        self.augment = augment
+        self.optim_cfg = dict(optim)
+        self.seed = int(seed)
+
+    def view_generator(self, device: torch.device) -> torch.Generator:
+        """Augmentation randomness as a pure function of (seed, step, rank), so a resumed run sees the same views."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed((self.seed * _STEP_STRIDE + self.global_step) * 64 + self.global_rank)
+        return gen
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self._trainer is not None and self.trainer.training:
+            x = batch["x"]
+            batch["views"] = self.augment(x, generator=self.view_generator(x.device))
+        return batch
+
+    @abstractmethod
+    def loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The method's objective on the views, and its named terms for logging."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, terms = self.loss(batch["views"])
+        n = batch["x"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        for key, value in terms.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=True, batch_size=n)
+        return loss
+
+    def configure_optimizers(self):
+        cfg = dict(self.optim_cfg)
+        schedule = cfg.pop("schedule", "cosine")
+        warmup_epochs = float(cfg.pop("warmup_epochs", 0.0))
+        min_lr_ratio = float(cfg.pop("min_lr_ratio", 0.0))
+        name = cfg.pop("name")
+        lr = float(cfg.pop("lr"))
+        weight_decay = float(cfg.pop("weight_decay", 0.0))
+        groups = param_groups(self, weight_decay=weight_decay)
+        optimizer = build_optimizer(groups, name=name, lr=lr, weight_decay=weight_decay, **cfg)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        warmup = int(round(warmup_epochs * total / epochs))
+        if warmup >= total and warmup > 0:
+            raise ConfigError(
+                f"optim.warmup_epochs={warmup_epochs} covers the whole run ({total} steps in {epochs} epochs); "
+                "lower optim.warmup_epochs or raise trainer.max_epochs."
+            )
+        scheduler = build_scheduler(optimizer, schedule, total_steps=total, warmup_steps=warmup,
+                                    min_lr_ratio=min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

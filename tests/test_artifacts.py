@@ -1,0 +1,50 @@
+"""backbone.pt is safe to load (weights_only) and every broken file is named with what is wrong."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ssl_lab.artifacts import atomic_write, load_backbone_file, save_backbone, write_json
+from ssl_lab.errors import DataError
+
+
+def test_backbone_round_trip_with_weights_only(tmp_path):
+    net = nn.Conv2d(3, 4, 3)
+    path = save_backbone(tmp_path / "backbone.pt", net, {"name": "conv", "in_chans": 3, "norm": {"mean": [0.5]}})
+    raw = torch.load(path, weights_only=True)  # the safe loader accepts the whole file
+    assert raw["meta"]["in_chans"] == 3
+    payload = load_backbone_file(tmp_path)  # a run directory works too
+    torch.testing.assert_close(payload["state_dict"]["weight"], net.weight.detach())
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = save_backbone(tmp_path / "backbone.pt", nn.Linear(64, 64), {"name": "x"})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match="backbone.pt.*corrupt or truncated"):
+        load_backbone_file(path)
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"model": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(DataError, match="not an ssl_lab backbone file"):
+        load_backbone_file(path)
+    with pytest.raises(DataError, match="no such backbone file"):
+        load_backbone_file(tmp_path / "missing.pt")
+
+
+def test_atomic_write_keeps_old_file_when_writer_dies(tmp_path):
+    path = write_json(tmp_path / "summary.json", {"v": 1})
+
+    def dying_writer(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("{half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dying_writer)
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind

@@ -1,0 +1,30 @@
+"""Loggers write where the run lives, and a W&B key never reaches a file."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, run_cli, tiny_data
+
+pytestmark = pytest.mark.slow
+
+
+def test_wandb_offline_never_writes_the_key(tmp_path, cache_dir):
+    secret = "0123456789abcdef-not-a-real-key"
+    run_dir = tmp_path / "run"
+    out = run_cli([*TINY, *tiny_data("lens_sim", cache_dir), "logger=wandb", f"run_dir={run_dir}"], cwd=tmp_path,
+                  env={"WANDB_API_KEY": secret, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files)  # the offline run is inside the run directory
+    assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in out.stdout + out.stderr
+
+
+def test_tensorboard_writes_event_files(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    out = run_cli([*TINY, *tiny_data("lens_sim", cache_dir), "logger=tensorboard", f"run_dir={run_dir}"],
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))

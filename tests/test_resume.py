@@ -1,0 +1,49 @@
+"""resume=auto continues an interrupted run and ends with the same weights as an uninterrupted one."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from conftest import TINY, compose_cfg, tiny_data
+from ssl_lab.artifacts import load_backbone_file
+from ssl_lab.tasks import pretrain
+
+pytestmark = pytest.mark.slow
+
+
+class StopAfterEpoch(pl.Callback):
+    """Stands in for a killed job: stops cleanly after the first epoch, its last.ckpt written."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _overrides(cache_dir, run_dir, *extra):
+    # warmup + cosine over 2 epochs: the scheduler state must survive the resume too.
+    return [*TINY, *tiny_data("lens_sim", cache_dir), "trainer.max_epochs=2",
+            "optim.warmup_epochs=0.5", f"run_dir={run_dir}", *extra]
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, cache_dir):
+    whole = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "whole")))
+    assert whole["global_step"] == 4  # 18 training images, batches of 8, last one dropped
+
+    first = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "split",
+                                            f"+callbacks.stop._target_={__name__}.StopAfterEpoch")))
+    assert first["global_step"] == 2
+    second = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "split", "resume=auto")))
+    assert second["resumed_from"].endswith("last.ckpt") and second["global_step"] == 4
+
+    logs = sorted(p.parent.name for p in (tmp_path / "split" / "logs").glob("*/metrics.csv"))
+    assert logs == ["version_0", "version_1"]  # the resumed part logs beside the first, losing nothing
+    a = load_backbone_file(tmp_path / "whole")["state_dict"]
+    b = load_backbone_file(tmp_path / "split")["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, cache_dir):
+    summary = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "new", "resume=auto", "trainer.max_epochs=1")))
+    assert summary["resumed_from"] is None and summary["global_step"] == 2
