@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) run.py trainer.max_epochs=3
+	$(PY) run.py experiment=demo
 
 test: install
 	$(PY) -m pytest -q

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from hydra.errors import InstantiationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
@@ -31,5 +32,6 @@ def run_or_exit(cfg: DictConfig) -> dict[str, Any]:
     except InstantiationException as err:
         cause = err.__cause__
         _fail(str(cause) if isinstance(cause, SSLLabError) else str(err).strip())
-    print(f"ssl_lab: {summary['task']} finished; outputs in {summary['run_dir']}")
+    if rank_zero_only.rank == 0:
+        print(f"ssl_lab: {summary['task']} finished; outputs in {summary['run_dir']}")
     return summary

@@ -5,7 +5,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ssl_lab.augment import RGB_ONLY
+from ssl_lab.augment import Augment
 from ssl_lab.errors import ConfigError
 
 TASKS = ("pretrain",)
@@ -17,7 +17,7 @@ def view_size(cfg: DictConfig, image_shape: tuple[int, int]) -> int:
     return int(size) if size is not None else int(min(image_shape))
 
 
-def validate(cfg: DictConfig, datamodule: Any) -> None:
+def validate(cfg: DictConfig, datamodule: Any, augment: Augment) -> None:
     """Refuse combinations that would fail late, train on the wrong thing, or silently change the data."""
     data_name = cfg.dataset.get("name", "dataset")
     if cfg.task.name not in TASKS:
@@ -28,7 +28,7 @@ def validate(cfg: DictConfig, datamodule: Any) -> None:
             f"backbone.in_chans={cfg.backbone.in_chans} but dataset {data_name} has {chans} channel(s); "
             f"remove the backbone.in_chans override (it follows dataset.in_chans) or set it to {chans}."
         )
-    rgb_ops = sorted(set(cfg.augment.ops or {}) & RGB_ONLY)
+    rgb_ops = sorted(augment.rgb_only_ops)  # ops switched off with p=0 are not counted
     if rgb_ops and chans != 3:
         raise ConfigError(
             f"augment={cfg.augment.name} uses {', '.join(rgb_ops)}, which need RGB images, but dataset {data_name} "
@@ -52,6 +52,10 @@ def validate(cfg: DictConfig, datamodule: Any) -> None:
             f"dataset.batch_size={batch} is larger than the {n_train} training images of {data_name}, so no full "
             f"batch can be formed; set dataset.batch_size to at most {n_train}."
         )
+    acc = cfg.accelerator
+    if acc.sync_batchnorm and acc.accelerator == "cpu":
+        raise ConfigError("accelerator.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel); "
+                          "set accelerator.sync_batchnorm=false for DDP on the CPU.")
     if float(cfg.optim.lr) <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive.")
     resume = cfg.get("resume")

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -61,7 +62,8 @@ def claim_run_dir(run_dir: Path, resume: str | None) -> str | None:
         log.info("resume=auto: no %s yet, starting fresh", last)
         return None
     taken = [m for m in RUN_MARKERS if (run_dir / m).exists()]
-    if taken:
+    # DDP ranks > 0 re-run this script after rank 0 has claimed the directory.
+    if taken and rank_zero_only.rank == 0:
         raise ConfigError(
             f"{run_dir} already holds a run ({', '.join(taken)}); pass resume=auto to continue it, or a new "
             "run_name (or run_dir) to start another."
@@ -122,12 +124,11 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     log.info("data: %s", datamodule.summary())
-    validate(cfg, datamodule)
-
     size = view_size(cfg, datamodule.image_shape)
-    backbone = instantiate(cfg.backbone, image_size=size)
     augment = instantiate(cfg.augment, size=size, _convert_="all")
+    validate(cfg, datamodule, augment)
     augment.set_stats(datamodule.mean, datamodule.std)
+    backbone = instantiate(cfg.backbone, image_size=size)
     model = instantiate(cfg.method, backbone=backbone, augment=augment,
                         optim=OmegaConf.to_container(cfg.optim, resolve=True))
 
@@ -135,8 +136,9 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     saved = OmegaConf.to_container(cfg, resolve=True)
     saved["accelerator"]["precision"] = precision
     saved["run_dir"] = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(saved), tmp))
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(saved), tmp))
 
     meta = {"method": cfg.method.name, "dataset": cfg.dataset.name, "norm": datamodule.norm_stats(),
             "config_hash": config_hash(cfg), "ssl_lab_version": __version__, "view_size": size}

@@ -14,7 +14,8 @@ from ssl_lab.errors import ConfigError, DataError
 def write(path, **arrays):
     with h5py.File(path, "w") as f:
         for k, v in arrays.items():
-            f.create_dataset(k, data=v, chunks=(min(4, len(v)) or None, *v.shape[1:]) if v.ndim > 1 and len(v) else None)
+            chunks = (min(4, len(v)), *v.shape[1:]) if v.ndim > 1 and len(v) else None
+            f.create_dataset(k, data=v, chunks=chunks)
     return str(path)
 
 
@@ -245,3 +246,13 @@ def test_unlabelled_batches_have_only_x_and_small_train_split_is_refused(tmp_pat
     dm.batch_size = 64
     with pytest.raises(DataError, match="batch_size"):
         dm.train_dataloader()
+
+
+def test_non_finite_targets_error_or_drop(tmp_path):
+    m = np.arange(12.0)
+    m[5] = np.nan
+    path = write(tmp_path / "t.h5", images=images(n=12), m=m)
+    with pytest.raises(DataError, match=r"key 'm' has non-finite targets in 1 samples \(first at index 5\)"):
+        make(path, target_keys=["m"])
+    dm = make(path, target_keys=["m"], nan_policy="drop")
+    assert 5 not in np.concatenate([dm.train_indices, dm.val_indices]) and dm.summary()["dropped"] == 1

@@ -75,7 +75,8 @@ def test_stats_are_of_x_over_255_on_the_pretraining_split(root):
 def test_loaders(root, workers):
     dm = make(root, split="train", num_workers=workers)
     val = list(dm.val_dataloader())
-    assert torch.equal(torch.cat([b["x"] for b in val]), torch.stack([torch.from_numpy(pattern(20 + k)) for k in range(4)]))
+    expected = torch.stack([torch.from_numpy(pattern(20 + k)) for k in range(4)])
+    assert torch.equal(torch.cat([b["x"] for b in val]), expected)
     assert torch.cat([b["y"] for b in val]).tolist() == [4, 5, 6, 7]
     train = list(dm.train_dataloader())
     assert len(train) == 2 and all(b["x"].shape == (2, 3, 96, 96) for b in train)

@@ -291,7 +291,8 @@ class H5DataModule(BaseDataModule):
             if self.in_memory:
                 array = ds[()]
             cache = ds.chunks and math.prod(ds.chunks) * ds.dtype.itemsize
-            stats, bad, bad_pixels, scanned = self._scan(array if array is not None else ds, n, train_idx, layout)
+            usable = np.setdiff1d(train_idx, bad_targets)  # rows that drop will remove never enter the stats
+            stats, bad, bad_pixels, scanned = self._scan(array if array is not None else ds, n, usable, layout)
             dtype = ds.dtype
         if len(bad) and self.nan_policy == "error":
             raise DataError(
