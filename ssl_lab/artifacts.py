@@ -1,13 +1,14 @@
 """Run artefacts that outlive the run: atomic writes and the portable `backbone.pt` format."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -18,19 +19,25 @@ BACKBONE_FORMAT = "ssl_lab.backbone"
 BACKBONE_VERSION = 1
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Write through a temporary file in the same folder, then rename: a kill leaves the old file or the new one."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`, renamed into place only if the block succeeds: a kill at any moment
+    leaves the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+    with atomic_path(path) as tmp:
+        write(str(tmp))
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:

@@ -10,9 +10,10 @@ import torch
 from ssl_lab.data import jets_sim, lens_sim
 from ssl_lab.data.jets_sim import CHANNEL_NAMES, JetsSimDataModule, jet_arrays, simulate_jets
 from ssl_lab.data.lens_sim import (
-    CLASS_NAMES, LensSimDataModule, atomic_h5, draw_params, lens_images, pixel_grid, render, sie_deflection,
+    CLASS_NAMES, LensSimDataModule, draw_params, lens_images, pixel_grid, render, sie_deflection,
     simulate_lenses,
 )
+from ssl_lab.data.simulated import atomic_h5
 from ssl_lab.errors import ConfigError, DataError
 
 

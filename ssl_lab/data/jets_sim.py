@@ -16,12 +16,10 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ssl_lab.data.h5 import H5DataModule
-from ssl_lab.data.lens_sim import atomic_h5, check_sim_args, sim_cache_path
+from ssl_lab.data.simulated import SimulatedDataModule, atomic_h5, check_sim_args
 
 log = logging.getLogger(__name__)
 
@@ -188,28 +186,21 @@ def simulate_jets(path: str | os.PathLike, n: int = 600, image_size: int = 125, 
     return path
 
 
-class JetsSimDataModule(H5DataModule):
-    """Simulated 8-channel jets (label Y, targets m and pT), cached once and read like a CMS E2E file."""
+class JetsSimDataModule(SimulatedDataModule):
+    """Simulated 8-channel jets (label Y, targets m and pT), NHWC like a CMS E2E file."""
 
     def __init__(self, name: str = "jets_sim", in_chans: int = 8, n: int = 600, image_size: int = 125,
                  sim_seed: int = 0, cache_dir: str = ".cache/ssl_lab", val_fraction: float = 0.2,
                  nan_policy: str = "zero", in_memory: bool = False, batch_size: int = 64, num_workers: int = 2,
                  seed: int = 0, stats_max_samples: int = 4096) -> None:
         check_sim_args(n=n, image_size=image_size)
-        params = {"simulator": "jets", "version": SIM_VERSION, "n": n, "image_size": image_size,
-                           "seed": sim_seed}
+        params = {"simulator": "jets", "version": SIM_VERSION, "n": n, "image_size": image_size, "seed": sim_seed}
         super().__init__(
-            name=name, path=str(sim_cache_path(cache_dir, name, params)), in_chans=in_chans,
-            image_key="jet", label_key="Y", target_keys=("m", "pT"), layout="NHWC", val_fraction=val_fraction,
-            nan_policy=nan_policy, in_memory=in_memory, batch_size=batch_size, num_workers=num_workers, seed=seed,
-            stats_max_samples=stats_max_samples,
+            params, cache_dir, name=name, in_chans=in_chans, image_key="jet", label_key="Y", target_keys=("m", "pT"),
+            layout="NHWC", val_fraction=val_fraction, nan_policy=nan_policy, in_memory=in_memory,
+            batch_size=batch_size, num_workers=num_workers, seed=seed, stats_max_samples=stats_max_samples,
         )
-        self.sim_params = params
 
-    def prepare_data(self) -> None:
-        if not Path(self.path).is_file():
-            p = self.sim_params
-            simulate_jets(self.path, p["n"], p["image_size"], p["seed"])
-
-    def _summary_extra(self) -> dict[str, Any]:
-        return {**super()._summary_extra(), "simulator": dict(self.sim_params)}
+    def simulate(self, path: str) -> None:
+        p = self.sim_params
+        simulate_jets(path, p["n"], p["image_size"], p["seed"])

@@ -11,20 +11,14 @@ substructure masses.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import os
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ssl_lab.data.h5 import H5DataModule
-from ssl_lab.errors import ConfigError
+from ssl_lab.data.simulated import SimulatedDataModule, atomic_h5, check_sim_args
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +28,6 @@ MAX_CDM = 6  # at most this many CDM subhaloes per image
 VORTEX_POINTS = 24  # the vortex line is sampled by this many equal point masses
 _BATCH = 128  # images rendered at once: bounds memory to a few (128, H, W) float64 arrays
 SIM_VERSION = 1  # bump when the physics changes, so cached files made by an older simulator are not reused
-
-
-@contextlib.contextmanager
-def atomic_h5(path: str | os.PathLike) -> Iterator[object]:
-    """Open a temporary HDF5 file next to `path` and move it into place only when the block succeeds.
-
-    A reader (another process, a crashed earlier run) never sees a half-written file under the final name.
-    """
-    import h5py
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def pixel_grid(image_size: int, fov: float = FOV_ARCSEC) -> tuple[np.ndarray, np.ndarray]:
@@ -258,22 +232,8 @@ def simulate_lenses(path: str | os.PathLike, n_per_class: int = 300, image_size:
     return path
 
 
-def sim_cache_path(cache_dir: str | os.PathLike, name: str, params: Mapping[str, Any]) -> Path:
-    """cache_dir/<name>-<hash>.h5: a pure function of the simulator knobs, so every process agrees on the file."""
-    digest = hashlib.sha1(json.dumps(dict(params), sort_keys=True).encode()).hexdigest()[:10]
-    return Path(cache_dir).expanduser() / f"{name}-{digest}.h5"
-
-
-def check_sim_args(**values: int) -> None:
-    """Refuse sizes the simulators cannot honour before anything is written."""
-    for option, value in values.items():
-        low = 8 if option == "image_size" else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"dataset.{option}={value!r} must be an integer >= {low}.")
-
-
-class LensSimDataModule(H5DataModule):
-    """Simulated 3-class lenses, generated once into a cache file and then read like any user's HDF5 file."""
+class LensSimDataModule(SimulatedDataModule):
+    """Simulated 3-class lenses (labels 0 no_sub, 1 cdm, 2 vortex), 1 channel, NCHW."""
 
     def __init__(self, name: str = "lens_sim", in_chans: int = 1, n_per_class: int = 300, image_size: int = 64,
                  sim_seed: int = 0, cache_dir: str = ".cache/ssl_lab", val_fraction: float = 0.2,
@@ -281,19 +241,13 @@ class LensSimDataModule(H5DataModule):
                  seed: int = 0, stats_max_samples: int = 4096) -> None:
         check_sim_args(n_per_class=n_per_class, image_size=image_size)
         params = {"simulator": "lens", "version": SIM_VERSION, "n_per_class": n_per_class,
-                           "image_size": image_size, "seed": sim_seed}
+                  "image_size": image_size, "seed": sim_seed}
         super().__init__(
-            name=name, path=str(sim_cache_path(cache_dir, name, params)), in_chans=in_chans,
-            image_key="images", label_key="labels", layout="NCHW", val_fraction=val_fraction,
-            nan_policy=nan_policy, in_memory=in_memory, batch_size=batch_size, num_workers=num_workers, seed=seed,
-            stats_max_samples=stats_max_samples,
+            params, cache_dir, name=name, in_chans=in_chans, image_key="images", label_key="labels", layout="NCHW",
+            val_fraction=val_fraction, nan_policy=nan_policy, in_memory=in_memory, batch_size=batch_size,
+            num_workers=num_workers, seed=seed, stats_max_samples=stats_max_samples,
         )
-        self.sim_params = params
 
-    def prepare_data(self) -> None:
-        if not Path(self.path).is_file():
-            p = self.sim_params
-            simulate_lenses(self.path, p["n_per_class"], p["image_size"], p["seed"])
-
-    def _summary_extra(self) -> dict[str, Any]:
-        return {**super()._summary_extra(), "simulator": dict(self.sim_params)}
+    def simulate(self, path: str) -> None:
+        p = self.sim_params
+        simulate_lenses(path, p["n_per_class"], p["image_size"], p["seed"])
