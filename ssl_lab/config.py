@@ -8,20 +8,17 @@ from omegaconf import DictConfig
 from ssl_lab.augment import Augment
 from ssl_lab.errors import ConfigError
 
-TASKS = ("pretrain",)
-
-
 def view_size(cfg: DictConfig, image_shape: tuple[int, int]) -> int:
     """The side of the views the backbone sees: augment.size, or the data's own (smaller) side."""
     size = cfg.augment.get("size")
     return int(size) if size is not None else int(min(image_shape))
 
 
-def validate(cfg: DictConfig, datamodule: Any, augment: Augment) -> None:
-    """Refuse combinations that would fail late, train on the wrong thing, or silently change the data."""
+def validate(cfg: DictConfig, datamodule: Any, augment: Augment, ssl: bool = True) -> None:
+    """Refuse combinations that would fail late, train on the wrong thing, or silently change the data.
+
+    `ssl`: the batch-size rules of self-supervised losses apply (pretraining, not downstream heads)."""
     data_name = cfg.dataset.get("name", "dataset")
-    if cfg.task.name not in TASKS:
-        raise ConfigError(f"task={cfg.task.name} is not a known task; choose one of: {', '.join(TASKS)}.")
     chans = int(datamodule.in_chans)
     if int(cfg.backbone.in_chans) != chans:
         raise ConfigError(
@@ -43,15 +40,10 @@ def validate(cfg: DictConfig, datamodule: Any, augment: Augment) -> None:
             f"choose a view size from 1 to {min(height, width)} (or null for the image size)."
         )
     batch = int(cfg.dataset.batch_size)
-    if batch < 2:
-        raise ConfigError(f"dataset.batch_size={batch}: self-supervised losses compare samples within a batch; "
-                          "use at least 2.")
-    n_train = int(datamodule.summary().get("n_train", batch))
-    if batch > n_train:
-        raise ConfigError(
-            f"dataset.batch_size={batch} is larger than the {n_train} training images of {data_name}, so no full "
-            f"batch can be formed; set dataset.batch_size to at most {n_train}."
-        )
+    if batch < 1:
+        raise ConfigError(f"dataset.batch_size={batch} must be a positive integer.")
+    if ssl:
+        _check_ssl_batch(batch, data_name, datamodule)
     acc = cfg.accelerator
     if acc.sync_batchnorm and acc.accelerator == "cpu":
         raise ConfigError("accelerator.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel); "
@@ -61,3 +53,15 @@ def validate(cfg: DictConfig, datamodule: Any, augment: Augment) -> None:
     resume = cfg.get("resume")
     if resume not in (None, "auto") and not str(resume).endswith(".ckpt"):
         raise ConfigError(f"resume={resume}: use resume=auto (continue this run_dir) or a path to a .ckpt file.")
+
+
+def _check_ssl_batch(batch: int, data_name: str, datamodule: Any) -> None:
+    if batch < 2:
+        raise ConfigError(f"dataset.batch_size={batch}: self-supervised losses compare samples within a batch; "
+                          "use at least 2.")
+    n_train = int(datamodule.summary().get("n_train", batch))
+    if batch > n_train:
+        raise ConfigError(
+            f"dataset.batch_size={batch} is larger than the {n_train} training images of {data_name}, so no full "
+            f"batch can be formed; set dataset.batch_size to at most {n_train}."
+        )

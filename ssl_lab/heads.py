@@ -38,3 +38,16 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, norm: str = "bn",
     if last_norm:
         layers.append(nn.BatchNorm1d(out_dim))
     return nn.Sequential(*layers)
+
+
+def conv_map_mlp(in_channels: int, out_dim: int, grid: int = 3, hidden: int = 4096, dropout: float = 0.5) -> nn.Sequential:
+    """The VGG classifier design: pool the last conv map to grid x grid, flatten, two wide hidden layers.
+
+    With VGG-11's 512 channels: 512 * 3 * 3 -> 4096 -> 4096 -> out, the large head of the jet-image baseline.
+    """
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(grid), nn.Flatten(),
+        nn.Linear(in_channels * grid * grid, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, out_dim),
+    )

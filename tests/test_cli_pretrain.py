@@ -63,6 +63,8 @@ def test_multirun_makes_one_run_per_method(tmp_path, cache_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p.parent.name for p in sweep.glob("*/backbone.pt"))
     assert len(runs) == 2 and runs[0].startswith("0_pretrain_simclr") and runs[1].startswith("1_pretrain_barlow")
+    table = (sweep / "comparison.csv").read_text().splitlines()  # written when the multirun ends
+    assert len(table) == 3 and "images_per_s" in table[0]
 
 
 def test_a_second_run_never_overwrites_the_first(tmp_path, cache_dir):

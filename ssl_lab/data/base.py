@@ -70,6 +70,104 @@ def split_indices(
     return np.flatnonzero(mask).astype(np.int64), val_idx
 
 
+def check_labelled_fractions(test_fraction: float, label_fraction: float) -> tuple[float, float]:
+    """Both fractions are checked in every mode, so a bad value fails at construction rather than mid-pipeline."""
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ConfigError(
+            f"dataset.test_fraction={test_fraction} is not in (0, 1): the test split is that fraction of the labelled "
+            "samples and the rest must hold training data; use e.g. dataset.test_fraction=0.2."
+        )
+    if not 0.0 < float(label_fraction) <= 1.0:
+        raise ConfigError(
+            f"dataset.label_fraction={label_fraction} is not in (0, 1]: it is the share of the training labels kept "
+            "(e.g. 0.1 for a 10% label-efficiency run, 1.0 for all)."
+        )
+    return float(test_fraction), float(label_fraction)
+
+
+def _class_groups(idx: np.ndarray, labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    lab = labels[idx]
+    return [(int(c), idx[lab == c]) for c in np.unique(lab)]
+
+
+def carve(
+    idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int, salt: int, what: str,
+    class_names: list[str] | None = None, need_one: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split of ``idx`` into (rest, carved): about ``fraction`` of every class is carved out.
+
+    Every class keeps at least one sample in ``rest`` (the training side); with ``need_one`` every class also gets
+    at least one carved sample (so each class is evaluated), which needs two samples per class.
+    Returns sorted int64 arrays.
+    """
+    rng = np.random.default_rng([int(seed), salt])
+    rest, taken = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for c, members in _class_groups(np.asarray(idx, np.int64), labels):
+        n = len(members)
+        k = min(int(round(fraction * n)), n - 1)
+        if need_one:
+            if n < 2:
+                name = class_names[c] if class_names and c < len(class_names) else str(c)
+                raise DataError(
+                    f"class {name!r} (label {c}) has only {n} labelled sample; a stratified {what} split needs at "
+                    f"least 2 per class (one to train on, one to {what}). Add samples of that class or remove it "
+                    "from the labelled data."
+                )
+            k = max(k, 1)
+        perm = members[rng.permutation(n)]
+        taken.append(perm[:k])
+        rest.append(perm[k:])
+    return np.sort(np.concatenate(rest)).astype(np.int64), np.sort(np.concatenate(taken)).astype(np.int64)
+
+
+def label_subset(train_idx: np.ndarray, labels: np.ndarray, label_fraction: float, seed: int) -> np.ndarray:
+    """Seeded stratified subset of the train split: round(label_fraction * n_c) of each class, at least one.
+
+    The per-class order does not depend on ``label_fraction``, so a smaller fraction keeps a subset of a larger one.
+    """
+    if label_fraction >= 1.0:
+        return np.asarray(train_idx, np.int64)
+    rng = np.random.default_rng([int(seed), 2])
+    kept = [np.zeros(0, np.int64)]
+    for _, members in _class_groups(np.asarray(train_idx, np.int64), labels):
+        k = max(1, int(round(label_fraction * len(members))))
+        kept.append(members[rng.permutation(len(members))[:k]])
+    return np.sort(np.concatenate(kept)).astype(np.int64)
+
+
+def labelled_splits(
+    labels: np.ndarray, test_fraction: float, val_fraction: float, label_fraction: float, seed: int,
+    class_names: list[str] | None = None, train_pool: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test, train_before_label_fraction) index arrays for labelled (downstream) mode.
+
+    Without ``train_pool``: test = test_fraction of all samples (stratified, >= 1 per class), val = val_fraction of
+    the remainder, train = the rest. With ``train_pool`` (the test split is given elsewhere, e.g. a test file or
+    folder) only val is carved from the pool. label_fraction then thins train. Each step has its own seeded stream,
+    so the test split never depends on val_fraction or label_fraction.
+    """
+    labels = np.asarray(labels, np.int64)
+    if train_pool is None:
+        pool, test = carve(np.arange(len(labels)), labels, test_fraction, seed, 0, "test", class_names, need_one=True)
+    else:
+        pool, test = np.asarray(train_pool, np.int64), np.zeros(0, np.int64)
+    full_train, val = carve(pool, labels, val_fraction, seed, 1, "val", class_names)
+    return label_subset(full_train, labels, label_fraction, seed), val, test, full_train
+
+
+def target_stats(targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population std per target column (float32 [T]); a constant target gets std 1 so it stays finite."""
+    if len(targets) == 0:
+        raise DataError("no training samples were available to compute regression-target statistics.")
+    t = np.asarray(targets, np.float64)
+    mean, std = t.mean(axis=0), t.std(axis=0)
+    flat = std < 1e-12
+    if flat.any():
+        log.warning("targets %s are constant in the train split: their std is set to 1", np.flatnonzero(flat))
+    std = np.where(flat, 1.0, std)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
 class ChannelStats:
     """Per-channel mean and (population) std merged block by block (Chan et al.), so no pass holds the whole data."""
 
@@ -111,12 +209,18 @@ class BaseDataModule(L.LightningDataModule):
     """Common loaders, attributes and summary; subclasses implement ``_setup`` to fill them once.
 
     After ``setup`` a subclass must have set: train_set, val_set, image_shape, num_classes, class_names,
-    target_names, mean, std.
+    target_names, mean, std; in labelled (downstream) mode also test_set (and target_mean/target_std when the data
+    has regression targets).
+
+    labelled=False is self-supervised pretraining (labels optional, train/val only). labelled=True is downstream:
+    labels are required, a test split exists and is fixed by ``seed`` alone, and ``label_fraction`` keeps a
+    stratified share of the training labels.
     """
 
     def __init__(
         self, name: str, in_chans: int, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
-        stats_max_samples: int = 4096,
+        stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
+        label_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(in_chans, int) or in_chans < 1:
@@ -133,6 +237,8 @@ class BaseDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.stats_max_samples = stats_max_samples
+        self.labelled = bool(labelled)
+        self.test_fraction, self.label_fraction = check_labelled_fractions(test_fraction, label_fraction)
         self.image_shape: tuple[int, int] | None = None
         self.num_classes: int | None = None
         self.class_names: list[str] | None = None
@@ -141,6 +247,9 @@ class BaseDataModule(L.LightningDataModule):
         self.std: torch.Tensor | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.target_mean: torch.Tensor | None = None
+        self.target_std: torch.Tensor | None = None
         self._ready = False
 
     def setup(self, stage: str | None = None) -> None:
@@ -161,14 +270,24 @@ class BaseDataModule(L.LightningDataModule):
         return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """Pretraining drops the ragged last batch (contrastive losses want full batches); labelled mode keeps it
+        (few labels are precious) unless it would hold one sample, which BatchNorm cannot train on."""
+        drop_last = train and (not self.labelled or (self.batch_size > 1 and len(dataset) % self.batch_size == 1))
         sampler = EpochSeededSampler(len(dataset), self.seed, shuffle=train)
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
+        if self.labelled:
+            if len(self.train_set) < 2:
+                raise DataError(
+                    f"dataset {self.name!r}: the labelled train split has {len(self.train_set)} sample(s); training "
+                    "needs at least 2. Raise dataset.label_fraction or lower dataset.test_fraction/val_fraction."
+                )
+            return self._loader(self.train_set, train=True)
         if len(self.train_set) < self.batch_size:
             raise DataError(
                 f"dataset {self.name!r}: the train split has {len(self.train_set)} samples, fewer than "
@@ -180,14 +299,37 @@ class BaseDataModule(L.LightningDataModule):
         self._require_setup()
         return self._loader(self.val_set, train=False)
 
-    def summary(self) -> dict[str, Any]:
-        """Plain facts for the task to log."""
+    def test_dataloader(self) -> DataLoader:
         self._require_setup()
-        return {
+        if self.test_set is None:
+            raise DataError(
+                f"dataset {self.name!r}: there is no test split in pretraining mode; build the data module with "
+                "labelled=True (the downstream tasks do) to get one."
+            )
+        return self._loader(self.test_set, train=False)
+
+    def _set_target_stats(self, train_targets: np.ndarray | None) -> None:
+        if train_targets is None or train_targets.shape[1] == 0:
+            self.target_mean = self.target_std = None
+        else:
+            self.target_mean, self.target_std = target_stats(train_targets)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain facts for the task to log (json-ready)."""
+        self._require_setup()
+        out = {
             "name": self.name, "in_chans": self.in_chans, "image_shape": list(self.image_shape),
             "n_train": len(self.train_set), "n_val": len(self.val_set), "num_classes": self.num_classes,
-            "target_names": list(self.target_names), **self._summary_extra(), **self.norm_stats(),
+            "target_names": list(self.target_names), "labelled": self.labelled,
         }
+        if self.labelled:
+            out.update(
+                n_test=len(self.test_set), test_fraction=self.test_fraction, label_fraction=self.label_fraction,
+                class_names=list(self.class_names or []),
+                target_mean=None if self.target_mean is None else [float(v) for v in self.target_mean],
+                target_std=None if self.target_std is None else [float(v) for v in self.target_std],
+            )
+        return {**out, **self._summary_extra(), **self.norm_stats()}
 
     def _summary_extra(self) -> dict[str, Any]:
         return {}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_lab.data.base import BaseDataModule, ChannelStats, check_fraction, split_indices
+from ssl_lab.data.base import BaseDataModule, ChannelStats, check_fraction, label_subset, labelled_splits, split_indices
 from ssl_lab.errors import DataError
 
 
@@ -88,13 +88,21 @@ class FolderDataset(Dataset):
 
 
 class FolderDataModule(BaseDataModule):
-    """Files are listed once in setup, sorted, so the split and sample order are deterministic."""
+    """Files are listed once in setup, sorted, so the split and sample order are deterministic.
+
+    Labelled mode needs class sub-folders: root/{class}/ is split train/val/test by the fractions;
+    root/{train,val}/{class}/ (DeepLense) gives train -> train + val_fraction as val, val -> test;
+    root/{train,val,test}/{class}/ is used as given.
+    """
 
     def __init__(
         self, name: str, root: str, in_chans: int, image_size: int | None = None, val_fraction: float = 0.2,
         batch_size: int = 64, num_workers: int = 2, seed: int = 0, stats_max_samples: int = 4096,
+        labelled: bool = False, test_fraction: float = 0.2, label_fraction: float = 1.0,
     ) -> None:
-        super().__init__(name, in_chans, batch_size, num_workers, seed, stats_max_samples)
+        super().__init__(
+            name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction
+        )
         self.root, self.image_size, self.val_fraction = root, image_size, check_fraction(val_fraction)
         self.layout = ""
 
@@ -128,19 +136,47 @@ class FolderDataModule(BaseDataModule):
         root = Path(str(self.root)).expanduser()
         if not root.is_dir():
             raise DataError(f"{root}: folder not found; check dataset.root.")
+        te_files: list[str] = []
+        te_labels = None
+        full_train: list[str] | None = None
         if (root / "train").is_dir() and (root / "val").is_dir():
             self.layout = "train/val"
             tr_files, tr_labels, classes = self._list(root / "train")
             va_files, va_labels, _ = self._list(root / "val", classes or None)
             if tr_labels is None and va_labels is not None:
                 raise DataError(f"{root / 'train'}: is flat but {root / 'val'} has class folders; use one layout.")
+            if self.labelled:
+                self._need_classes(root / "train", tr_labels)
+                if (root / "test").is_dir():
+                    self.layout = "train/val/test"
+                    te_files, te_labels, _ = self._list(root / "test", classes)
+                    keep = label_subset(np.arange(len(tr_files)), tr_labels, self.label_fraction, self.seed)
+                    full_train = tr_files
+                else:  # the given val folder is held out as the test split; val is carved from train
+                    te_files, te_labels = va_files, va_labels
+                    tr, va, _, full = labelled_splits(
+                        tr_labels, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, classes,
+                        train_pool=np.arange(len(tr_files)),
+                    )
+                    full_train = [tr_files[i] for i in full]
+                    va_files, va_labels = [tr_files[i] for i in va], tr_labels[va]
+                    keep = tr
+                tr_files, tr_labels = [tr_files[i] for i in keep], tr_labels[keep]
         else:
             files, labels, classes = self._list(root)
             self.layout = "classes" if labels is not None else "flat"
-            tr_idx, va_idx = split_indices(len(files), self.val_fraction, self.seed, labels)
+            if self.labelled:
+                self._need_classes(root, labels)
+                tr_idx, va_idx, te_idx, full = labelled_splits(
+                    labels, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, classes
+                )
+                te_files, te_labels = [files[i] for i in te_idx], labels[te_idx]
+                full_train = [files[i] for i in full]
+            else:
+                tr_idx, va_idx = split_indices(len(files), self.val_fraction, self.seed, labels)
             tr_files, va_files = [files[i] for i in tr_idx], [files[i] for i in va_idx]
             tr_labels, va_labels = (labels[tr_idx], labels[va_idx]) if labels is not None else (None, None)
-        kinds = {Path(f).suffix.lower() in ARRAY_EXTS for f in tr_files + va_files}
+        kinds = {Path(f).suffix.lower() in ARRAY_EXTS for f in tr_files + va_files + te_files}
         if len(kinds) > 1:
             raise DataError(f"{root}: mixes .npy arrays and PNG/JPG images; keep one kind of file per dataset.")
         if not kinds.pop() and self.in_chans not in (1, 3):
@@ -154,18 +190,28 @@ class FolderDataModule(BaseDataModule):
         self.image_shape = (int(first.shape[1]), int(first.shape[2]))
         make = lambda f, y: FolderDataset(f, y, self.in_chans, self.image_size, first.shape)  # noqa: E731
         self.train_set, self.val_set = make(tr_files, tr_labels), make(va_files, va_labels)
+        self.test_set = make(te_files, te_labels) if self.labelled else None
         self.class_names = classes or None
         self.num_classes = len(classes) if classes else None
         self.target_names = []
-        self.mean, self.std = self._stats(first.dtype == np.uint8)
+        # image stats over every training image: label_fraction limits labels, not images
+        pool = self.train_set if full_train is None else make(full_train, None)
+        self.mean, self.std = self._stats(pool, first.dtype == np.uint8)
 
-    def _stats(self, is_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _need_classes(self, d: Path, labels: np.ndarray | None) -> None:
+        if labels is None:
+            raise DataError(
+                f"{d}: is a flat folder, but labelled (downstream) mode needs one sub-folder per class "
+                "(e.g. root/cat/*.png, root/dog/*.png)."
+            )
+
+    def _stats(self, ds: FolderDataset, is_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Reads a seeded sample of train files, which also surfaces unreadable files before training."""
-        n = len(self.train_set)
+        n = len(ds)
         idx = np.sort(np.random.default_rng(self.seed + 1).choice(n, min(n, self.stats_max_samples), replace=False))
         stats = ChannelStats(self.in_chans)
         for s in range(0, len(idx), 256):
-            stats.update(np.stack([self.train_set.read(int(i)) for i in idx[s : s + 256]]), channel_axis=1)
+            stats.update(np.stack([ds.read(int(i)) for i in idx[s : s + 256]]), channel_axis=1)
         return stats.result(1 / 255 if is_uint8 else 1.0)
 
     def _summary_extra(self) -> dict[str, Any]:

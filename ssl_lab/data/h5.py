@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ssl_lab.data.base import NAN_POLICIES, BaseDataModule, ChannelStats, check_fraction, split_indices
+from ssl_lab.data.base import (
+    NAN_POLICIES, BaseDataModule, ChannelStats, check_fraction, label_subset, labelled_splits, split_indices,
+)
 from ssl_lab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -83,16 +85,25 @@ class H5Dataset(Dataset):
 
 
 class H5DataModule(BaseDataModule):
-    """Images, labels and targets from one HDF5 file; see the module docstring for why it streams."""
+    """Images, labels and targets from one HDF5 file; see the module docstring for why it streams.
+
+    ``labelled_path`` names a second file holding the labelled samples (e.g. the CMS E2E unlabelled file for
+    pretraining and a smaller labelled one for downstream). When it is set, label_key/target_keys/split_key refer
+    to that file: pretraining reads only images from ``path`` and labelled mode reads everything from
+    ``labelled_path``. When it is null, both modes read ``path``.
+    """
 
     def __init__(
         self, name: str, path: str, in_chans: int, image_key: str = "images", label_key: str | None = None,
         target_keys: Sequence[str] = (), layout: str = "NCHW", split_key: str | None = None,
         val_fraction: float = 0.2, nan_policy: str = "zero", in_memory: bool = False,
         labelled_path: str | None = None, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
-        stats_max_samples: int = 4096,
+        stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
+        label_fraction: float = 1.0,
     ) -> None:
-        super().__init__(name, in_chans, batch_size, num_workers, seed, stats_max_samples)
+        super().__init__(
+            name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction
+        )
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"dataset.nan_policy={nan_policy!r} is not one of {', '.join(NAN_POLICIES)}.")
         if str(layout).upper() not in ("NCHW", "NHWC"):
@@ -103,6 +114,17 @@ class H5DataModule(BaseDataModule):
         self.split_key, self.val_fraction = split_key, check_fraction(val_fraction)
         self.nan_policy, self.in_memory, self.labelled_path = nan_policy, in_memory, labelled_path
         self.facts: dict[str, Any] = {}
+        self.test_indices = np.zeros(0, np.int64)
+
+    @property
+    def source(self) -> str:
+        """The file this mode reads: labelled_path in labelled mode when set, else path."""
+        return str(self.labelled_path if self.labelled and self.labelled_path is not None else self.path)
+
+    @property
+    def _reads_labels(self) -> bool:
+        """Pretraining skips label/target keys when they describe the separate labelled file."""
+        return self.labelled or self.labelled_path is None
 
     # ---- validation helpers -------------------------------------------------------------------------------
     def _get(self, f: h5py.File, key: str, option: str) -> h5py.Dataset:
@@ -112,11 +134,19 @@ class H5DataModule(BaseDataModule):
         names: list[str] = []
         f.visititems(lambda k, v: names.append(k) if isinstance(v, h5py.Dataset) else None)
         listing = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "") or "(none)"
-        raise DataError(f"{self.path}: key '{key}' not found; available keys: {listing}. Set {option} to one of them.")
+        hint = ""
+        if option in ("dataset.label_key", "dataset.target_keys") and not self.labelled and self.labelled_path is None:
+            hint = (
+                " If this file is unlabelled, set dataset.label_key=null and dataset.target_keys=[], or set "
+                "dataset.labelled_path to the labelled file so that pretraining reads only images from dataset.path."
+            )
+        raise DataError(
+            f"{self.source}: key '{key}' not found; available keys: {listing}. Set {option} to one of them.{hint}"
+        )
 
     def _check_images(self, ds: h5py.Dataset) -> tuple[str, tuple[int, int]]:
         """Return the read layout ("NCHW", "NHWC" or "NHW") and (H, W), or explain what does not match."""
-        where, shape, c_want = f"{self.path}: key '{self.image_key}'", tuple(ds.shape), self.in_chans
+        where, shape, c_want = f"{self.source}: key '{self.image_key}'", tuple(ds.shape), self.in_chans
         if ds.dtype.kind not in "uif":
             raise DataError(f"{where} has dtype {ds.dtype}; store images as uint8 or float numbers.")
         if ds.ndim == 3:
@@ -152,14 +182,14 @@ class H5DataModule(BaseDataModule):
         ds = self._get(f, key, option)
         if tuple(ds.shape) not in ((n,), (n, 1)):
             raise DataError(
-                f"{self.path}: key '{key}' has shape {tuple(ds.shape)} but '{self.image_key}' has {n} images; "
+                f"{self.source}: key '{key}' has shape {tuple(ds.shape)} but '{self.image_key}' has {n} images; "
                 f"{option} must name an (N,) or (N, 1) dataset with one value per image."
             )
         return ds[()].reshape(n)
 
     def _labels(self, f: h5py.File, n: int) -> tuple[np.ndarray, list[str]]:
         raw = self._column(f, self.label_key, n, "dataset.label_key")
-        where = f"{self.path}: key '{self.label_key}'"
+        where = f"{self.source}: key '{self.label_key}'"
         if raw.dtype.kind not in "iufb":
             raise DataError(f"{where} has dtype {raw.dtype}; labels must be integer class ids 0..K-1.")
         if raw.dtype.kind == "f" and not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
@@ -174,23 +204,51 @@ class H5DataModule(BaseDataModule):
             raise DataError(f"{where} has label {k - 1} but attrs class_names lists only {len(names)} classes.")
         return labels, names or [str(i) for i in range(k)]
 
-    def _split(self, f: h5py.File, n: int, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        if self.split_key is None:
-            return split_indices(n, self.val_fraction, self.seed, labels)
-        tags = self._column(f, self.split_key, n, "dataset.split_key")
+    def _tags(self, f: h5py.File, n: int, split_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boolean masks (train, val, test) from the split_key column: 0/1/2 or 'train'/'val'/'test'."""
+        tags = self._column(f, split_key, n, "dataset.split_key")
         if tags.dtype.kind in "SUO":
             tags = np.array([t.decode() if isinstance(t, bytes) else str(t) for t in tags]).astype(str)
             tags = np.char.lower(np.char.strip(tags))
-            is_train, is_val = tags == "train", np.isin(tags, ["val", "valid", "validation"])
+            is_train, is_val, is_test = tags == "train", np.isin(tags, ["val", "valid", "validation"]), tags == "test"
         else:
-            is_train, is_val = tags == 0, tags == 1
-        if not (is_train | is_val).all():
-            bad = np.unique(tags[~(is_train | is_val)])[:5].tolist()
+            is_train, is_val, is_test = tags == 0, tags == 1, tags == 2
+        if not (is_train | is_val | is_test).all():
+            bad = np.unique(tags[~(is_train | is_val | is_test)])[:5].tolist()
             raise DataError(
-                f"{self.path}: key '{self.split_key}' has split tags {bad}; use 0/1 or 'train'/'val' per image, "
-                "or unset dataset.split_key to split by dataset.val_fraction."
+                f"{self.source}: key '{split_key}' has split tags {bad}; use 0/1/2 or 'train'/'val'/'test' per "
+                "image, or unset dataset.split_key to split by dataset.val_fraction (and dataset.test_fraction)."
             )
-        return np.flatnonzero(is_train).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+        return is_train, is_val, is_test
+
+    def _split(
+        self, f: h5py.File, n: int, labels: np.ndarray | None, names: list[str] | None, split_key: str | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(train, val, test, train before label_fraction). Pretraining: train/val only, test-tagged rows unused.
+
+        Labelled mode with split_key: tags train/val/test are used as given; a file with only train/val tags has
+        its val rows as the test split and val carved from train (as for STL-10 and DeepLense folders).
+        """
+        empty = np.zeros(0, np.int64)
+        if not self.labelled:
+            if split_key is None:
+                train, val = split_indices(n, self.val_fraction, self.seed, labels)
+            else:
+                is_train, is_val, _ = self._tags(f, n, split_key)
+                train, val = np.flatnonzero(is_train).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+            return train, val, empty, train
+        if split_key is None:
+            return labelled_splits(labels, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, names)
+        masks = self._tags(f, n, split_key)
+        tagged_train, tagged_val, tagged_test = (np.flatnonzero(m).astype(np.int64) for m in masks)
+        if len(tagged_test):
+            train = label_subset(tagged_train, labels, self.label_fraction, self.seed)
+            return train, tagged_val, tagged_test, tagged_train
+        train, val, _, full = labelled_splits(
+            labels, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, names,
+            train_pool=tagged_train,
+        )
+        return train, val, tagged_val, full
 
     # ---- streamed scan ------------------------------------------------------------------------------------
     @staticmethod
@@ -257,41 +315,56 @@ class H5DataModule(BaseDataModule):
 
     # ---- setup --------------------------------------------------------------------------------------------
     def _setup(self) -> None:
-        path = Path(str(self.path)).expanduser()
+        path = Path(self.source).expanduser()
+        option = "dataset.labelled_path" if self.source != str(self.path) else "dataset.path"
+        if self.labelled and self.label_key is None:
+            raise DataError(
+                f"dataset {self.name!r}: task needs labels: set dataset.label_key=<key> (and "
+                "dataset.labelled_path=<file> if the labels are in another file)."
+            )
         if not path.is_file():
-            raise DataError(f"{path}: file not found; check dataset.path (relative paths start at the run directory).")
+            raise DataError(f"{path}: file not found; check {option} (relative paths start at the run directory).")
         if self.labelled_path is not None and not Path(str(self.labelled_path)).expanduser().is_file():
             raise DataError(f"{self.labelled_path}: labelled file not found; check dataset.labelled_path.")
         try:
             f = h5py.File(path, "r")
         except OSError as e:
-            raise DataError(f"{path}: cannot be opened as HDF5 ({e}); check dataset.path points to an HDF5 file.")
+            raise DataError(f"{path}: cannot be opened as HDF5 ({e}); check {option} points to an HDF5 file.")
+        reads_labels = self._reads_labels
+        label_key = self.label_key if reads_labels else None
+        target_keys = self.target_keys if reads_labels else []
         with f:
             ds = self._get(f, self.image_key, "dataset.image_key")
             layout, self.image_shape = self._check_images(ds)
             n = int(ds.shape[0])
             labels = names = targets = None
-            if self.label_key is not None:
+            if label_key is not None:
                 labels, names = self._labels(f, n)
             bad_targets = np.zeros(0, np.int64)
-            if self.target_keys:
-                cols = [self._column(f, k, n, "dataset.target_keys") for k in self.target_keys]
+            if target_keys:
+                cols = [self._column(f, k, n, "dataset.target_keys") for k in target_keys]
                 targets = np.stack(cols, axis=1).astype(np.float32)
                 bad_targets = np.flatnonzero(~np.isfinite(targets).all(axis=1))
                 if len(bad_targets) and self.nan_policy != "drop":
-                    key = self.target_keys[int(np.flatnonzero(~np.isfinite(targets[bad_targets[0]]))[0])]
+                    key = target_keys[int(np.flatnonzero(~np.isfinite(targets[bad_targets[0]]))[0])]
                     raise DataError(
                         f"{path}: key '{key}' has non-finite targets in {len(bad_targets)} samples (first at index "
                         f"{bad_targets[0]}); set dataset.nan_policy=drop to remove those samples or fix the file."
                     )
-            train_idx, val_idx = self._split(f, n, labels)
+            split_key = self.split_key if reads_labels else None  # otherwise the tags describe the labelled file
+            train_idx, val_idx, test_idx, full_train = self._split(f, n, labels, names, split_key)
             if len(train_idx) == 0:
-                raise DataError(f"{path}: the train split is empty; check dataset.split_key or dataset.val_fraction.")
+                raise DataError(
+                    f"{path}: the train split is empty; check dataset.split_key, dataset.val_fraction or "
+                    "dataset.test_fraction."
+                )
             array = None
             if self.in_memory:
                 array = ds[()]
             cache = ds.chunks and math.prod(ds.chunks) * ds.dtype.itemsize
-            usable = np.setdiff1d(train_idx, bad_targets)  # rows that drop will remove never enter the stats
+            # image stats use every training image (label_fraction limits labels, not images); rows that drop
+            # will remove never enter them
+            usable = np.setdiff1d(full_train, bad_targets)
             stats, bad, bad_pixels, scanned = self._scan(array if array is not None else ds, n, usable, layout)
             dtype = ds.dtype
         if len(bad) and self.nan_policy == "error":
@@ -303,6 +376,7 @@ class H5DataModule(BaseDataModule):
         dropped = np.union1d(bad, bad_targets) if self.nan_policy == "drop" else np.zeros(0, np.int64)
         if len(dropped):
             train_idx, val_idx = np.setdiff1d(train_idx, dropped), np.setdiff1d(val_idx, dropped)
+            test_idx = np.setdiff1d(test_idx, dropped)
             log.warning("%s: dropped %d samples with non-finite pixels or targets", path, len(dropped))
             if len(train_idx) == 0:
                 raise DataError(f"{path}: every train sample has non-finite values; nothing is left to train on.")
@@ -315,16 +389,18 @@ class H5DataModule(BaseDataModule):
         self.mean, self.std = stats.result(scale)
         self.num_classes = len(names) if names is not None else None
         self.class_names = names
-        self.target_names = list(self.target_keys)
-        self.train_indices, self.val_indices = train_idx, val_idx
+        self.target_names = list(target_keys)
+        self.train_indices, self.val_indices, self.test_indices = train_idx, val_idx, test_idx
+        self._set_target_stats(None if targets is None else targets[train_idx])
         cache_bytes = int(min(512 << 20, max(1 << 20, 2 * (cache or 0))))
         make = lambda idx: H5Dataset(  # noqa: E731
             str(path), self.image_key, idx, layout, labels, targets, self.nan_policy, array, cache_bytes
         )
         self.train_set, self.val_set = make(train_idx), make(val_idx)
+        self.test_set = make(test_idx) if self.labelled else None
         self.facts = {
             "path": str(path), "image_key": self.image_key, "layout": self.layout, "dtype": str(dtype),
-            "n_images": n, "split": f"split_key={self.split_key}" if self.split_key else "seeded",
+            "n_images": n, "split": f"split_key={split_key}" if split_key else "seeded",
             "nan_policy": self.nan_policy, "nan_scanned_samples": scanned, "nan_samples_found": len(bad),
             "nan_pixels_replaced": bad_pixels if self.nan_policy == "zero" else 0, "dropped": len(dropped),
             "stats_samples": stats.samples, "in_memory": self.in_memory, "labelled_path": self.labelled_path,

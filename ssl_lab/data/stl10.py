@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ssl_lab.data.base import BaseDataModule, ChannelStats
+from ssl_lab.data.base import BaseDataModule, ChannelStats, check_fraction, labelled_splits
 from ssl_lab.errors import ConfigError, DataError
 
 IMAGE_BYTES = 3 * 96 * 96
@@ -23,10 +23,15 @@ LAYOUT = (
 
 
 class STL10Dataset(Dataset):
-    """Concatenation of .bin image files; each process maps the files itself (a memmap must not be pickled)."""
+    """Concatenation of .bin image files; each process maps the files itself (a memmap must not be pickled).
 
-    def __init__(self, files: list[str], counts: list[int], labels: np.ndarray | None) -> None:
-        self.files, self.labels = files, labels
+    ``indices`` (into the concatenation) selects a subset, e.g. a labelled train/val split.
+    """
+
+    def __init__(
+        self, files: list[str], counts: list[int], labels: np.ndarray | None, indices: np.ndarray | None = None
+    ) -> None:
+        self.files, self.labels, self.indices = files, labels, indices
         self.offsets = np.cumsum([0, *counts])
         self._maps: list[np.memmap] | None = None
         self._pid: int | None = None
@@ -35,7 +40,7 @@ class STL10Dataset(Dataset):
         return {**self.__dict__, "_maps": None, "_pid": None}
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return int(self.offsets[-1]) if self.indices is None else len(self.indices)
 
     def images(self, part: int) -> np.memmap:
         """Memory map of file ``part`` as [N, 3, 96(W), 96(H)] (the file stores each channel column-major)."""
@@ -47,27 +52,36 @@ class STL10Dataset(Dataset):
     def read(self, i: int) -> np.ndarray:
         if not 0 <= i < len(self):
             raise IndexError(i)
+        i = i if self.indices is None else int(self.indices[i])
         part = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return np.ascontiguousarray(self.images(part)[i - self.offsets[part]].transpose(0, 2, 1))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         out = {"x": torch.from_numpy(self.read(int(i)))}
         if self.labels is not None:
-            out["y"] = torch.tensor(self.labels[i], dtype=torch.int64)
+            j = int(i) if self.indices is None else int(self.indices[i])
+            out["y"] = torch.tensor(self.labels[j], dtype=torch.int64)
         return out
 
 
 class STL10DataModule(BaseDataModule):
-    """Pretrain on ``split`` (unlabeled, train, or both); validate on the labelled test set."""
+    """Pretraining: train on ``split`` (unlabeled, train, or both), validate on the labelled test set.
+
+    Labelled mode: the official train set (5000) gives train plus a stratified val_fraction as val, and the
+    official test set (8000) is the test split; ``split`` and ``test_fraction`` play no part there.
+    """
 
     def __init__(
         self, name: str, root: str, in_chans: int = 3, split: str = "unlabeled", batch_size: int = 64,
-        num_workers: int = 2, seed: int = 0, stats_max_samples: int = 4096,
+        num_workers: int = 2, seed: int = 0, stats_max_samples: int = 4096, labelled: bool = False,
+        test_fraction: float = 0.2, label_fraction: float = 1.0, val_fraction: float = 0.1,
     ) -> None:
-        super().__init__(name, in_chans, batch_size, num_workers, seed, stats_max_samples)
+        super().__init__(
+            name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction
+        )
         if split not in SPLITS:
             raise ConfigError(f"dataset.split={split!r} is not one of {', '.join(SPLITS)}.")
-        self.root, self.split = root, split
+        self.root, self.split, self.val_fraction = root, split, check_fraction(val_fraction)
 
     def _images(self, part: str) -> tuple[str, int]:
         path = Path(str(self.root)).expanduser() / "stl10_binary" / f"{part}_X.bin"
@@ -92,21 +106,36 @@ class STL10DataModule(BaseDataModule):
     def _setup(self) -> None:
         if self.in_chans != 3:
             raise DataError(f"STL-10 images have 3 channels but dataset.in_chans={self.in_chans}; set in_chans=3.")
+        names_file = Path(str(self.root)).expanduser() / "stl10_binary" / "class_names.txt"
+        names = names_file.read_text().split() if names_file.is_file() else []
+        self.class_names = names if len(names) == 10 else list(CLASS_NAMES)
+        self.num_classes, self.image_shape, self.target_names = 10, (96, 96), []
+        if self.labelled:
+            train_file, train_n = self._images("train")
+            y = self._labels("train", train_n)
+            test_file, test_n = self._images("test")
+            test = STL10Dataset([test_file], [test_n], self._labels("test", test_n))
+            train, val, _, _ = labelled_splits(
+                y, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, self.class_names,
+                train_pool=np.arange(train_n),
+            )
+            pool = STL10Dataset([train_file], [train_n], y)
+            self.train_set = STL10Dataset([train_file], [train_n], y, train)
+            self.val_set = STL10Dataset([train_file], [train_n], y, val)
+            self.test_set = test
+            self.mean, self.std = self._stats(pool)  # every train image: label_fraction limits labels only
+            return
         parts = SPLITS[self.split]
         files, counts = zip(*(self._images(p) for p in parts))
         labels = self._labels("train", counts[0]) if parts == ["train"] else None
         test_file, test_n = self._images("test")
         self.train_set = STL10Dataset(list(files), list(counts), labels)
         self.val_set = STL10Dataset([test_file], [test_n], self._labels("test", test_n))
-        names_file = Path(str(self.root)).expanduser() / "stl10_binary" / "class_names.txt"
-        names = names_file.read_text().split() if names_file.is_file() else []
-        self.class_names = names if len(names) == 10 else list(CLASS_NAMES)
-        self.num_classes, self.image_shape, self.target_names = 10, (96, 96), []
-        self.mean, self.std = self._stats()
+        self.mean, self.std = self._stats(self.train_set)
 
-    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stats of x/255 over a seeded random sample of the pretraining split, read in sorted blocks."""
-        ds, n = self.train_set, len(self.train_set)
+    def _stats(self, ds: STL10Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stats of x/255 over a seeded random sample of the training images, read in sorted blocks."""
+        n = int(ds.offsets[-1])
         rng = np.random.default_rng(self.seed + 1)
         idx = np.sort(rng.choice(n, min(n, self.stats_max_samples), replace=False))
         stats = ChannelStats(3)
@@ -119,4 +148,6 @@ class STL10DataModule(BaseDataModule):
         return stats.result(1 / 255)
 
     def _summary_extra(self) -> dict[str, Any]:
+        if self.labelled:
+            return {"root": str(self.root), "split": "train", "val": f"{self.val_fraction} of train", "test": "test"}
         return {"root": str(self.root), "split": self.split, "val": "test"}

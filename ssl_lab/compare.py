@@ -1,0 +1,7 @@
+"""`python -m ssl_lab.compare <dir> [--out DIR]`: one comparison table over every run under <dir>."""
+from __future__ import annotations
+
+from ssl_lab.evaluation.compare import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

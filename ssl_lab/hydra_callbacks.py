@@ -1,0 +1,22 @@
+"""Hydra callbacks: every multirun ends with its comparison table, so a comparison is one command."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class CompareOnMultirunEnd(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from ssl_lab.evaluation.compare import write_comparison
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        csv_path, md_path, markdown = write_comparison(sweep_dir)
+        print(f"\n{markdown}\ncomparison written: {csv_path} and {md_path}")

@@ -1,0 +1,108 @@
+"""What every task shares: its run directory, seeding, the Trainer's arguments, loggers and saved config."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_lab.artifacts import atomic_write
+from ssl_lab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Views are made in the LightningModule's hook by design (exactly one on_after_batch_transfer); Lightning warns
+# whenever a datamodule is passed alongside one.
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule`.*")
+
+RUN_MARKERS = ("config.yaml", "summary.json", "metrics.json", "pipeline.json", "backbone.pt", "checkpoints")
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise ConfigError("run_dir is not set and no Hydra app is running; pass run_dir=<folder>.")
+
+
+def claim_run_dir(run_dir: Path, resume: str | None) -> str | None:
+    """Refuse to write over another run; return the checkpoint to resume from, if any."""
+    if resume not in (None, "auto"):
+        ckpt = Path(resume)
+        if not ckpt.is_file():
+            raise ConfigError(f"resume={resume}: no such checkpoint file.")
+        return str(ckpt)
+    if resume == "auto":
+        last = run_dir / LAST_CKPT
+        if last.is_file():
+            return str(last)
+        log.info("resume=auto: no %s yet, starting fresh", last)
+        return None
+    taken = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    # DDP ranks > 0 re-run this script after rank 0 has claimed the directory.
+    if taken and rank_zero_only.rank == 0:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(taken)}); pass resume=auto to continue it, or a new "
+            "run_name (or run_dir) to start another."
+        )
+    return None
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return str(precision)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def trainer_kwargs(cfg: DictConfig, precision: str, **overrides: Any) -> dict[str, Any]:
+    acc = cfg.accelerator
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    kwargs.update(accelerator=acc.accelerator, devices=acc.devices, num_nodes=acc.num_nodes, strategy=acc.strategy,
+                  sync_batchnorm=acc.sync_batchnorm, precision=precision)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def save_config(cfg: DictConfig, run_dir: Path, precision: str) -> dict[str, Any]:
+    """The resolved config, with what `auto` resolved to, as the run actually used it (rank zero writes it)."""
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["accelerator"]["precision"] = precision
+    saved["run_dir"] = str(run_dir)
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(saved), tmp))
+    return saved
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Same experiment, same hash: the run's name, folder and resume flag are left out."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("run_name", "run_dir", "resume"):
+        data.pop(key, None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(data)).encode()).hexdigest()[:16]
+
+
+def targets(group: DictConfig | None) -> list[DictConfig]:
+    return [node for node in (group or {}).values() if node and "_target_" in node]
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    return [instantiate(node, save_dir=str(run_dir)) for node in targets(cfg.get("logger"))]
+
+
+def one_console() -> None:
+    """Under Hydra the root logger already prints and files every record; Lightning's own handler would double it."""
+    if HydraConfig.initialized():
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).handlers.clear()

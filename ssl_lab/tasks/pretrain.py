@@ -1,0 +1,75 @@
+"""Self-supervised pretraining: the method learns from unlabelled images and exports its backbone."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_lab import __version__
+from ssl_lab.artifacts import write_json
+from ssl_lab.callbacks import BackboneExport, SpeedMeter
+from ssl_lab.config import validate, view_size
+from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, one_console, resolve_precision,
+                                  resolve_run_dir, save_config, targets, trainer_kwargs)
+
+log = logging.getLogger(__name__)
+
+
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
+    """Exports `backbone.pt` and `summary.json` into the run directory and returns the summary."""
+    started = time.time()
+    one_console()
+    run_dir = resolve_run_dir(cfg)
+    ckpt_path = claim_run_dir(run_dir, cfg.get("resume"))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    log.info("data: %s", datamodule.summary())
+    size = view_size(cfg, datamodule.image_shape)
+    augment = instantiate(cfg.augment, size=size, _convert_="all")
+    validate(cfg, datamodule, augment)
+    augment.set_stats(datamodule.mean, datamodule.std)
+    backbone = instantiate(cfg.backbone, image_size=size)
+    model = instantiate(cfg.method, backbone=backbone, augment=augment,
+                        optim=OmegaConf.to_container(cfg.optim, resolve=True))
+
+    precision = resolve_precision(cfg.accelerator.precision)
+    saved = save_config(cfg, run_dir, precision)
+    meta = {"method": cfg.method.name, "dataset": cfg.dataset.name, "norm": datamodule.norm_stats(),
+            "config_hash": config_hash(cfg), "ssl_lab_version": __version__, "view_size": size}
+    speed = SpeedMeter()
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+        speed,
+        BackboneExport(run_dir / "backbone.pt", meta),
+        *(instantiate(node) for node in targets(cfg.get("callbacks"))),
+    ]
+    loggers = build_loggers(cfg, run_dir)
+    for logger in loggers:
+        logger.log_hyperparams(saved)
+    # No validation loop: the val split serves the downstream tasks.
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks,
+                         **trainer_kwargs(cfg, precision, limit_val_batches=0, num_sanity_val_steps=0))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+    metrics = trainer.callback_metrics
+    final_loss = metrics.get("train/loss_epoch", metrics.get("train/loss"))
+    summary = {
+        "task": "pretrain", "method": cfg.method.name, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name,
+        "final_loss": None if final_loss is None else float(final_loss),
+        "epochs": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+        "images_per_s": speed.images_per_s, "wall_time_s": round(time.time() - started, 2),
+        "resumed_from": ckpt_path, "precision": precision, "run_dir": str(run_dir),
+        "backbone_path": str(run_dir / "backbone.pt"), "data": datamodule.summary(),
+    }
+    if trainer.is_global_zero:
+        write_json(run_dir / "summary.json", summary)
+        log.info("pretraining done: %s", run_dir)
+    return summary

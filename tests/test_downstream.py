@@ -1,0 +1,165 @@
+"""Downstream tasks on tiny data: heads, learning rates per group, metrics and reports, errors."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, compose_cfg, run_cli, tiny_data
+from ssl_lab.augment import Augment
+from ssl_lab.backbones import build_backbone
+from ssl_lab.cli import run_or_exit
+from ssl_lab.downstream import Downstream
+from ssl_lab.tasks import TASKS
+
+SHORT = ["task.max_epochs=1", "+trainer.limit_val_batches=1"]
+
+
+def _module(**kw) -> Downstream:
+    backbone = build_backbone("resnet15", in_chans=2, image_size=16)
+    args = dict(backbone=backbone, augment=Augment("minimal", {"hflip": {}}, n_views=1), objective="joint",
+                num_classes=3, target_names=["m", "pT"], optim={"name": "adam", "weight_decay": 0.0},
+                backbone_lr=1e-5, head_lr=1e-4)
+    return Downstream(**{**args, **kw})
+
+
+def test_differential_learning_rates_reach_the_optimizer():
+    model = _module()
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = model.configure_optimizers()["optimizer"]
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert {lr_of[id(p)] for p in model.backbone.parameters()} == {1e-5}
+    assert {lr_of[id(p)] for p in model.head.parameters()} == {1e-4}
+    assert len(lr_of) == len(list(model.parameters()))
+
+
+def test_frozen_backbone_keeps_weights_and_batchnorm_statistics():
+    model = _module(objective="classification", freeze_backbone=True, backbone_lr=0.0, head_lr=0.1)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = model.configure_optimizers()["optimizer"]
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.head[0].weight.clone()
+    model.train()
+    assert not model.backbone.training  # BatchNorm must not update its running statistics
+    logits, reg = model(torch.randn(4, 2, 16, 16))
+    assert reg is None and logits.shape == (4, 3)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not torch.equal(model.head[0].weight, head_before)
+
+
+def test_regression_predictions_come_back_in_original_units():
+    mean, std = torch.tensor([100.0, 500.0]), torch.tensor([10.0, 50.0])
+    model = _module(target_mean=mean, target_std=std).eval()
+    batch = {"view": torch.randn(3, 2, 16, 16), "y": torch.tensor([0, 1, 2]), "targets": torch.zeros(3, 2)}
+    _, reg = model(batch["view"])
+    torch.testing.assert_close(model.predict(batch)["pred"], reg * std + mean)
+
+
+def test_conv_mlp_head_is_the_vgg_baseline_head():
+    backbone = build_backbone("vgg11", in_chans=8, image_size=96)
+    model = _module(backbone=backbone, head="conv_mlp", objective="joint", dropout=0.5)
+    linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512 * 3 * 3, 4096), (4096, 4096), (4096, 5)]
+    logits, reg = model.eval()(torch.randn(2, 8, 96, 96))
+    assert logits.shape == (2, 3) and reg.shape == (2, 2)
+
+
+@pytest.fixture(scope="module")
+def lens_run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("pre") / "run"
+    TASKS["pretrain"](compose_cfg([*TINY, *tiny_data("lens_sim", cache_dir), f"run_dir={run_dir}"]))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["linear", "finetune"])
+def test_linear_and_finetune_write_metrics_plots_and_report(tmp_path, cache_dir, lens_run, task):
+    run_dir = tmp_path / task
+    summary = TASKS[task](compose_cfg([*TINY, *SHORT, *tiny_data("lens_sim", cache_dir), f"task={task}",
+                                       f"pretrained={lens_run}", f"run_dir={run_dir}"]))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["pretrained"].endswith("backbone.pt") and metrics["method"] == "simclr"
+    test = metrics["test"]
+    assert 0.0 <= test["accuracy"] <= 1.0 and len(test["confusion_matrix"]) == 3
+    assert sum(map(sum, test["confusion_matrix"])) == summary["data_n_test"]
+    for name in ("report.md", "confusion_matrix.png", "roc.png", "curves.png"):
+        assert (run_dir / name).is_file(), name
+    assert "confusion_matrix.png" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_joint_reports_regression_per_target(tmp_path, cache_dir):
+    run_dir = tmp_path / "joint"
+    TASKS["joint"](compose_cfg([*TINY, *SHORT, *tiny_data("jets_sim", cache_dir), "task=joint",
+                                "pretrained=random", f"run_dir={run_dir}"]))
+    test = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert set(test["regression"]) == {"m", "pT"}
+    assert all(set(v) >= {"mse", "mae", "r2"} for v in test["regression"].values())
+    assert "accuracy" in test and (run_dir / "pred_vs_true.png").is_file()
+
+
+@pytest.mark.slow
+def test_supervised_vgg_baseline_with_large_head(tmp_path, cache_dir):
+    run_dir = tmp_path / "vgg"
+    summary = TASKS["supervised"](compose_cfg([*TINY, *SHORT, *tiny_data("jets_sim", cache_dir), "task=supervised",
+                                               "backbone=vgg11", "task.head=conv_mlp", "task.objective=joint",
+                                               f"run_dir={run_dir}"]))
+    assert summary["pretrained"] is None and set(summary["test"]["regression"]) == {"m", "pT"}
+
+
+@pytest.mark.slow
+def test_evaluate_reports_knn_probe_and_clusters(tmp_path, cache_dir, lens_run):
+    run_dir = tmp_path / "eval"
+    TASKS["evaluate"](compose_cfg([*TINY, *tiny_data("lens_sim", cache_dir), "task=evaluate", "task.knn_k=3",
+                                   f"pretrained={lens_run}", f"run_dir={run_dir}"]))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["knn_accuracy"] <= 1.0
+    assert {"ari", "nmi"} <= set(metrics["kmeans"]) and "accuracy" in metrics["probe"]
+    assert (run_dir / "embedding_pca.png").is_file() and (run_dir / "embedding_tsne.png").is_file()
+
+
+def _fails(overrides, run_dir, capsys) -> str:
+    with pytest.raises(SystemExit):
+        run_or_exit(compose_cfg([*TINY, *SHORT, *overrides, f"run_dir={run_dir}"]))
+    return capsys.readouterr().err
+
+
+def test_downstream_errors_name_the_fix(tmp_path, cache_dir, lens_run, capsys):
+    lens = tiny_data("lens_sim", cache_dir)
+    err = _fails([*lens, "task=linear"], tmp_path / "a", capsys)
+    assert "pretrained=<" in err and "pretrained=random" in err
+    err = _fails([*lens, "task=linear", f"pretrained={lens_run}", "backbone=resnet18"], tmp_path / "b", capsys)
+    assert "resnet15" in err and "backbone=resnet15" in err
+    err = _fails([*tiny_data("jets_sim", cache_dir), "task=linear", f"pretrained={lens_run}"], tmp_path / "c", capsys)
+    assert "1-channel" in err and "8" in err
+    err = _fails([*lens, "task=joint", "pretrained=random"], tmp_path / "d", capsys)
+    assert "regression targets" in err and "dataset.target_keys" in err
+
+
+@pytest.mark.slow
+def test_pipeline_through_the_cli_and_its_comparison_table(tmp_path, cache_dir):
+    run_dir = tmp_path / "pipe"
+    stages = [f"task.{s}.max_epochs=1" for s in ("linear", "finetune", "joint")]
+    out = run_cli(["task=pipeline", *TINY, *tiny_data("jets_sim", cache_dir), *stages, "+trainer.limit_val_batches=1",
+                   "task.evaluate.knn_k=3", f"run_dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in ("pretrain", "linear", "finetune", "joint", "evaluate"):
+        assert (run_dir / stage / ("summary.json" if stage == "pretrain" else "metrics.json")).is_file(), stage
+    table = subprocess.run([sys.executable, "-m", "ssl_lab.compare", str(run_dir)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    rows = list(csv.DictReader((run_dir / "comparison.csv").open()))
+    tasks = sorted(r["task"] for r in rows)
+    assert tasks == ["evaluate", "finetune", "joint", "linear", "pretrain"]
+    joint = next(r for r in rows if r["task"] == "joint")
+    assert joint["mse_m"] and joint["mse_pT"] and joint["accuracy"] and joint["images_per_s"]
+    assert json.loads((run_dir / "pipeline.json").read_text())["stages"] == [
+        "pretrain", "linear", "finetune", "joint", "evaluate"]
