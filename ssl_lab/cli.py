@@ -22,6 +22,13 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _finish_wandb() -> None:
+    """In a multirun every job runs in this process: an unfinished W&B run would swallow the next job's logs."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 def run_or_exit(cfg: DictConfig) -> dict[str, Any]:
     try:
         summary = run(cfg)
@@ -32,6 +39,8 @@ def run_or_exit(cfg: DictConfig) -> dict[str, Any]:
     except InstantiationException as err:
         cause = err.__cause__
         _fail(str(cause) if isinstance(cause, SSLLabError) else str(err).strip())
+    finally:
+        _finish_wandb()
     if rank_zero_only.rank == 0:
         print(f"ssl_lab: {summary['task']} finished; outputs in {summary['run_dir']}")
     return summary

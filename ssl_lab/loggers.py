@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from lightning.pytorch.loggers import WandbLogger
 
@@ -15,3 +15,16 @@ def wandb_logger(save_dir: str | Path, project: str = "ssl_lab", entity: str | N
     offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")
     return WandbLogger(project=project, entity=entity, tags=list(tags), name=run_name, save_dir=str(save_dir),
                        offline=offline)
+
+
+def publish(loggers: Sequence[Any], plots: Sequence[Path], metrics: Mapping[str, Any]) -> None:
+    """Loggers that show media (W&B) also get a run's plots as images and its metrics as a table."""
+    from ssl_lab.evaluation.report import scalar_rows
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            if plots:
+                logger.log_image(key="plots", images=[str(p) for p in plots], caption=[Path(p).stem for p in plots])
+            rows = [[name, float(value)] for name, value in scalar_rows(metrics)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)]  # one type per column
+            logger.log_table(key="metrics", columns=["metric", "value"], data=rows)

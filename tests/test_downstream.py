@@ -163,3 +163,18 @@ def test_pipeline_through_the_cli_and_its_comparison_table(tmp_path, cache_dir):
     assert joint["mse_m"] and joint["mse_pT"] and joint["accuracy"] and joint["images_per_s"]
     assert json.loads((run_dir / "pipeline.json").read_text())["stages"] == [
         "pretrain", "linear", "finetune", "joint", "evaluate"]
+
+
+@pytest.mark.slow
+def test_jets_preset_compares_methods_and_the_vgg_baseline_in_one_command(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", "experiment=jets_compare", *TINY, *tiny_data("jets_sim", cache_dir), "augment.size=32",
+                   "task.joint.max_epochs=1", "task.supervised.max_epochs=1", "+trainer.limit_val_batches=1",
+                   "task.evaluate.knn_k=3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    joint = {r["method"]: r for r in rows if r["task"] == "joint"}
+    assert set(joint) == {"simclr", "barlow"} and all(r["mse_m"] and r["accuracy"] for r in joint.values())
+    scratch = [r for r in rows if r["task"] == "supervised"]
+    assert {(r["method"], r["backbone"]) for r in scratch} == {("scratch", "vgg11")} and scratch[0]["mse_pT"]
+    assert "| joint | barlow |" in (sweep / "comparison.md").read_text()

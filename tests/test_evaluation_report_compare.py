@@ -63,12 +63,12 @@ def sweep(tmp_path) -> Path:
                                                "dataset": "lens_sim", "images_per_s": 812.5, "final_loss": 3.1})
     (pipe / "pretrain" / "logs").mkdir(parents=True)
     _dump(pipe / "linear" / "metrics.json", {
-        "task": "linear", "method": "simclr", "backbone": "resnet15", "dataset": "lens_sim",
-        "test": {"accuracy": 0.9, "f1_macro": 0.85, "auc": 0.97, "per_class": {}, "confusion_matrix": []},
+        "task": "linear", "method": "simclr", "backbone": "resnet15", "dataset": "lens_sim", "label_fraction": 0.1,
+        "pretrained": str(pipe / "pretrain" / "backbone.pt"), "test": {"accuracy": 0.9, "f1_macro": 0.85, "auc": 0.97, "per_class": {}, "confusion_matrix": []},
         "knn_accuracy": 0.8})
     _dump(pipe / "finetune" / "metrics.json", {
         "task": "finetune", "method": "simclr", "backbone": "resnet15", "dataset": "lens_sim",
-        "test": {"accuracy": 0.95, "f1_macro": 0.9, "auc": 0.99,
+        "pretrained": str(pipe / "pretrain" / "backbone.pt"), "test": {"accuracy": 0.95, "f1_macro": 0.9, "auc": 0.99,
                  "regression": {"mass": {"mse": 0.25, "mae": 0.4, "r2": 0.9},
                                 "ellipticity": {"mse": 0.01, "mae": 0.05, "r2": 0.7}}}})
     # job 10: a plain downstream run whose metrics.json lacks method/backbone/dataset: they come from config.yaml
@@ -82,7 +82,7 @@ def sweep(tmp_path) -> Path:
     return root
 
 
-COLUMNS = ["run", "task", "method", "backbone", "dataset", "accuracy", "f1_macro", "auc", "mse_ellipticity",
+COLUMNS = ["run", "task", "method", "backbone", "dataset", "label_fraction", "accuracy", "f1_macro", "auc", "mse_ellipticity",
            "mse_mass", "knn_acc", "images_per_s"]
 
 
@@ -92,9 +92,10 @@ def test_compare_rows_and_columns(sweep):
     by_run = {r["run"]: r for r in rows}
     assert [r["run"] for r in rows] == ["0/finetune", "0/linear", "0/pretrain", "2", "10"]  # natural order
     assert by_run["0/linear"] == {"run": "0/linear", "task": "linear", "method": "simclr", "backbone": "resnet15",
-                                  "dataset": "lens_sim", "accuracy": 0.9, "f1_macro": 0.85, "auc": 0.97,
+                                  "dataset": "lens_sim", "label_fraction": 0.1, "accuracy": 0.9, "f1_macro": 0.85,
+                                  "auc": 0.97,
                                   "mse_ellipticity": None, "mse_mass": None, "knn_acc": 0.8,
-                                  "images_per_s": 812.5}  # throughput of the pipeline's pretraining stage
+                                  "images_per_s": 812.5}  # throughput of the run that made its backbone.pt
     assert (by_run["0/finetune"]["mse_mass"], by_run["0/finetune"]["mse_ellipticity"]) == (0.25, 0.01)
     assert by_run["0/pretrain"]["accuracy"] is None and by_run["0/pretrain"]["images_per_s"] == 812.5
     assert (by_run["10"]["method"], by_run["10"]["backbone"], by_run["10"]["dataset"]) == ("barlow", "vit_tiny", "jets_sim")
@@ -112,7 +113,7 @@ def test_compare_writes_csv_and_markdown(sweep, tmp_path):
     assert linear["accuracy"] == "0.9" and linear["mse_mass"] == "" and linear["images_per_s"] == "812.5"
     lines = markdown.splitlines()
     assert lines[0] == "| " + " | ".join(COLUMNS) + " |"
-    assert "| 0/finetune | finetune | simclr | resnet15 | lens_sim | 0.9500 | 0.9000 | 0.9900 | 0.0100 | 0.2500 |  | 812.5000 |" in lines
+    assert "| 0/finetune | finetune | simclr | resnet15 | lens_sim |  | 0.9500 | 0.9000 | 0.9900 | 0.0100 | 0.2500 |  | 812.5000 |" in lines
     assert len(lines) == 2 + 5
 
 

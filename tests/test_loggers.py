@@ -28,3 +28,17 @@ def test_tensorboard_writes_event_files(tmp_path, cache_dir):
                   cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_wandb_offline_gets_downstream_plots_and_metrics_table(tmp_path, cache_dir):
+    pre = tmp_path / "pre"
+    data = tiny_data("lens_sim", cache_dir)
+    assert run_cli([*TINY, *data, f"run_dir={pre}"], cwd=tmp_path).returncode == 0
+    run_dir = tmp_path / "linear"
+    out = run_cli([*TINY, *data, "task=linear", "task.max_epochs=1", f"pretrained={pre}", "logger=wandb",
+                   f"run_dir={run_dir}"], cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    media = list(run_dir.glob("wandb/offline-run-*/files/media/images/plots_*.png"))
+    assert len(media) >= 3  # curves, confusion matrix, ROC
+    tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/metrics_*.table.json"))
+    assert tables and "accuracy" in tables[0].read_text()

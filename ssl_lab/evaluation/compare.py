@@ -72,15 +72,16 @@ def _row(root: Path, run: Path) -> dict[str, Any]:
     for target, stats in (test.get("regression") or {}).items():
         row[f"mse_{target}"] = _get(stats, "mse")
     row["knn_acc"] = merged.get("knn_accuracy")
+    row["label_fraction"] = merged.get("label_fraction")
     speed = merged.get("images_per_s")
-    if speed is None and run.name != "pretrain":
-        speed = _load(run.parent / "pretrain" / "summary.json", json.load).get("images_per_s")
+    if speed is None and merged.get("pretrained"):  # the pretraining run whose backbone.pt this run loaded
+        speed = _load(Path(merged["pretrained"]).parent / "summary.json", json.load).get("images_per_s")
     row["images_per_s"] = speed
     return row
 
 
 def build_table(root) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows): run, task, method, backbone, dataset, accuracy, f1_macro, auc, mse_<target>..., knn_acc,
+    """(columns, rows): run, task, method, backbone, dataset, label_fraction, accuracy, f1_macro, auc, mse_<target>..., knn_acc,
     images_per_s; a value a run does not have is None."""
     root = Path(root)
     if not root.is_dir():
@@ -90,7 +91,7 @@ def build_table(root) -> tuple[list[str], list[dict[str, Any]]]:
         raise DataError(f"{root}: no run directories found (none holds metrics.json or summary.json).")
     rows = [_row(root, run) for run in runs]
     targets = sorted({k for row in rows for k in row if k.startswith("mse_")})
-    columns = [*ID_COLUMNS, "accuracy", "f1_macro", "auc", *targets, "knn_acc", "images_per_s"]
+    columns = [*ID_COLUMNS, "label_fraction", "accuracy", "f1_macro", "auc", *targets, "knn_acc", "images_per_s"]
     return columns, [{c: row.get(c) for c in columns} for row in rows]
 
 

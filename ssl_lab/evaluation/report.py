@@ -53,6 +53,13 @@ def _sections(metrics: Mapping[str, Any], prefix: str, scalars: list, blocks: li
             scalars.append([name, value])
 
 
+def scalar_rows(metrics: Mapping[str, Any]) -> list[list[Any]]:
+    """[dotted name, value] for every single-number metric (the report's metric table; also W&B's)."""
+    scalars: list = []
+    _sections(metrics, "", scalars, [])
+    return scalars
+
+
 def write_report(run_dir, title: str, config_summary: Mapping[str, Any], metrics: Mapping[str, Any],
                  plots: Sequence[str | Path]) -> Path:
     """Write run_dir/report.md; plots are linked relative to run_dir so the folder can be moved or zipped."""

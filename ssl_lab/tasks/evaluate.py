@@ -19,8 +19,9 @@ from ssl_lab.evaluation.embed import embed_2d, kmeans_scores, plot_embedding
 from ssl_lab.evaluation.knn import knn_accuracy
 from ssl_lab.evaluation.probe import logistic_probe
 from ssl_lab.evaluation.report import write_report
+from ssl_lab.loggers import publish
 from ssl_lab.tasks.backbone_source import load_backbone
-from ssl_lab.tasks.common import claim_run_dir, one_console, resolve_run_dir, save_config
+from ssl_lab.tasks.common import build_loggers, claim_run_dir, one_console, resolve_run_dir, save_config
 from ssl_lab.tasks.finetune import labelled_datamodule
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         plots.append(plot_embedding(xy, sub_y, datamodule.class_names, f"{method.upper()} of test features",
                                     run_dir / f"embedding_{method}.png"))
 
-    metrics = {"task": "evaluate", "method": source.meta.get("method"), "backbone": cfg.backbone.name,
+    metrics = {"task": "evaluate", "method": source.meta.get("method", "scratch"), "backbone": cfg.backbone.name,
                "dataset": cfg.dataset.name, "pretrained": source.pretrained, "knn_accuracy": knn,
                "knn_k": int(task.knn_k), "probe": probe, "kmeans": kmeans, "n_train": len(train_x),
                "n_test": len(test_x), "wall_time_s": round(time.time() - started, 2), "run_dir": str(run_dir)}
     write_json(run_dir / "metrics.json", metrics)
+    publish(build_loggers(cfg, run_dir), plots, metrics)
     write_report(run_dir, f"evaluate: {cfg.backbone.name} on {cfg.dataset.name}",
                  {"backbone": cfg.backbone.name, "pretrained": source.pretrained or "random init",
                   "dataset": cfg.dataset.name, "knn_k": int(task.knn_k), "knn_temperature": task.knn_temperature},

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_lab.config import validate
 from ssl_lab.downstream import Downstream
 from ssl_lab.errors import ConfigError
+from ssl_lab.loggers import publish
 from ssl_lab.tasks.backbone_source import load_backbone
 from ssl_lab.tasks.common import (build_loggers, claim_run_dir, one_console, resolve_precision, resolve_run_dir,
                                   save_config, targets, trainer_kwargs)
@@ -74,7 +75,7 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     summary: dict[str, Any] = {
-        "task": task.name, "objective": task.objective, "method": source.meta.get("method"),
+        "task": task.name, "objective": task.objective, "method": source.meta.get("method", "scratch"),
         "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "pretrained": source.pretrained,
         "label_fraction": datamodule.summary().get("label_fraction"), "epochs": int(trainer.current_epoch),
         "wall_time_s": round(time.time() - started, 2), "run_dir": str(run_dir),
@@ -88,7 +89,8 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
                           "head": task.head, "backbone_lr": task.backbone_lr, "head_lr": task.head_lr,
                           "freeze_backbone": task.freeze_backbone, "epochs": task.max_epochs,
                           "label_fraction": summary["label_fraction"]}
-        write_outputs(run_dir, f"{task.name}: {cfg.backbone.name} on {cfg.dataset.name}", config_summary, summary,
-                      preds, datamodule.class_names, datamodule.target_names)
+        plots = write_outputs(run_dir, f"{task.name}: {cfg.backbone.name} on {cfg.dataset.name}", config_summary,
+                              summary, preds, datamodule.class_names, datamodule.target_names)
+        publish(loggers, plots, summary)
         log.info("%s done: %s", task.name, run_dir)
     return summary

@@ -37,8 +37,8 @@ def test_metrics(preds: dict[str, torch.Tensor], class_names: list[str] | None,
 
 
 def write_outputs(run_dir: Path, title: str, config_summary: dict[str, Any], metrics: dict[str, Any],
-                  preds: dict[str, torch.Tensor], class_names: list[str] | None, target_names: list[str]) -> None:
-    """metrics.json, the plots that apply to this run, and a report.md that shows them."""
+                  preds: dict[str, torch.Tensor], class_names: list[str] | None, target_names: list[str]) -> list[Path]:
+    """metrics.json, the plots that apply to this run, and a report.md that shows them; returns the plots."""
     write_json(run_dir / "metrics.json", metrics)
     plots: list[Path] = []
     logs = sorted(run_dir.glob("logs/version_*/metrics.csv"))
@@ -50,4 +50,6 @@ def write_outputs(run_dir: Path, title: str, config_summary: dict[str, Any], met
         plots.append(plot_roc(preds["probs"], preds["y"], class_names, run_dir / "roc.png"))
     if "pred" in preds:
         plots.append(plot_pred_vs_true(preds["pred"], preds["targets"], target_names, run_dir / "pred_vs_true.png"))
-    write_report(run_dir, title, config_summary, metrics, [p for p in plots if p is not None])
+    plots = [p for p in plots if p is not None]
+    write_report(run_dir, title, config_summary, metrics, plots)
+    return plots
