@@ -153,6 +153,9 @@ def test_pipeline_through_the_cli_and_its_comparison_table(tmp_path, cache_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("pretrain", "linear", "finetune", "joint", "evaluate"):
         assert (run_dir / stage / ("summary.json" if stage == "pretrain" else "metrics.json")).is_file(), stage
+        assert f"]({stage}/report.md)" in (run_dir / "report.md").read_text()
+        assert (run_dir / stage / "report.md").is_file(), stage
+    assert (run_dir / "pretrain" / "curves.png").is_file()
     table = subprocess.run([sys.executable, "-m", "ssl_lab.compare", str(run_dir)], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert table.returncode == 0, table.stderr

@@ -106,3 +106,12 @@ def one_console() -> None:
     if HydraConfig.initialized():
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).handlers.clear()
+
+
+def labelled_datamodule(cfg: DictConfig) -> Any:
+    """The dataset in its downstream mode: labelled train / val / test splits, set up and ready."""
+    datamodule = instantiate(cfg.dataset, labelled=True)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    log.info("labelled data: %s", datamodule.summary())
+    return datamodule

@@ -21,8 +21,8 @@ from ssl_lab.evaluation.probe import logistic_probe
 from ssl_lab.evaluation.report import write_report
 from ssl_lab.loggers import publish
 from ssl_lab.tasks.backbone_source import load_backbone
-from ssl_lab.tasks.common import build_loggers, claim_run_dir, one_console, resolve_run_dir, save_config
-from ssl_lab.tasks.finetune import labelled_datamodule
+from ssl_lab.tasks.common import (build_loggers, claim_run_dir, labelled_datamodule, one_console, resolve_run_dir,
+                                  save_config)
 
 log = logging.getLogger(__name__)
 

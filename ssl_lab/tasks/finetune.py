@@ -20,19 +20,11 @@ from ssl_lab.downstream import Downstream
 from ssl_lab.errors import ConfigError
 from ssl_lab.loggers import publish
 from ssl_lab.tasks.backbone_source import load_backbone
-from ssl_lab.tasks.common import (build_loggers, claim_run_dir, one_console, resolve_precision, resolve_run_dir,
-                                  save_config, targets, trainer_kwargs)
+from ssl_lab.tasks.common import (build_loggers, claim_run_dir, labelled_datamodule, one_console, resolve_precision,
+                                  resolve_run_dir, save_config, targets, trainer_kwargs)
 from ssl_lab.tasks.outputs import collect, test_metrics, write_outputs
 
 log = logging.getLogger(__name__)
-
-
-def labelled_datamodule(cfg: DictConfig) -> Any:
-    datamodule = instantiate(cfg.dataset, labelled=True)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    log.info("labelled data: %s", datamodule.summary())
-    return datamodule
 
 
 def train_heads(cfg: DictConfig) -> dict[str, Any]:

@@ -7,10 +7,10 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssl_lab.artifacts import write_json
+from ssl_lab.artifacts import atomic_write, write_json
+from ssl_lab.evaluation.compare import write_comparison
 from ssl_lab.errors import ConfigError
-from ssl_lab.tasks.common import claim_run_dir, resolve_run_dir
-from ssl_lab.tasks.finetune import labelled_datamodule
+from ssl_lab.tasks.common import claim_run_dir, labelled_datamodule, resolve_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,4 +47,8 @@ def pipeline(cfg: DictConfig, tasks: dict[str, Callable[[DictConfig], dict[str, 
         results[stage] = tasks[stage](stage_cfg)
     summary = {"task": "pipeline", "stages": stages, "run_dir": str(run_dir), "results": results}
     write_json(Path(run_dir) / "pipeline.json", summary)  # an index of the stages, not a run of its own
+    _, md_path, _ = write_comparison(run_dir)
+    lines = [f"# pipeline: {cfg.method.name}, {cfg.backbone.name} on {cfg.dataset.name}", "",
+             *(f"- [{stage}]({stage}/report.md)" for stage in stages), "", md_path.read_text()]
+    atomic_write(Path(run_dir) / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
     return summary

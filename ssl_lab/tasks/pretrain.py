@@ -14,6 +14,8 @@ from ssl_lab import __version__
 from ssl_lab.artifacts import write_json
 from ssl_lab.callbacks import BackboneExport, SpeedMeter
 from ssl_lab.config import validate, view_size
+from ssl_lab.evaluation.plots import plot_curves
+from ssl_lab.evaluation.report import write_report
 from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, one_console, resolve_precision,
                                   resolve_run_dir, save_config, targets, trainer_kwargs)
 
@@ -71,5 +73,13 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", summary)
+        logs = sorted(run_dir.glob("logs/version_*/metrics.csv"))
+        plots = [plot_curves(logs, run_dir / "curves.png")] if logs else []
+        report = {k: v for k, v in summary.items() if k != "data"}
+        write_report(run_dir, f"pretrain: {cfg.method.name}, {cfg.backbone.name} on {cfg.dataset.name}",
+                     {"method": cfg.method.name, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name,
+                      "augment": cfg.augment.name, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
+                      "batch_size": cfg.dataset.batch_size, "epochs": cfg.trainer.max_epochs, "precision": precision},
+                     report, plots)
         log.info("pretraining done: %s", run_dir)
     return summary
