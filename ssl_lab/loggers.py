@@ -18,13 +18,16 @@ def wandb_logger(save_dir: str | Path, project: str = "ssl_lab", entity: str | N
 
 
 def publish(loggers: Sequence[Any], plots: Sequence[Path], metrics: Mapping[str, Any]) -> None:
-    """Loggers that show media (W&B) also get a run's plots as images and its metrics as a table."""
+    """Every logger gets a run's single-number metrics (test/...); those that show media (W&B) also get its plots
+    as images and the metrics as a table."""
     from ssl_lab.evaluation.report import scalar_rows
 
+    numbers = {name: float(value) for name, value in scalar_rows(metrics)
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
     for logger in loggers:
+        logger.log_metrics({f"result/{name}": value for name, value in numbers.items()})
+        logger.save()
         if isinstance(logger, WandbLogger):
             if plots:
                 logger.log_image(key="plots", images=[str(p) for p in plots], caption=[Path(p).stem for p in plots])
-            rows = [[name, float(value)] for name, value in scalar_rows(metrics)
-                    if isinstance(value, (int, float)) and not isinstance(value, bool)]  # one type per column
-            logger.log_table(key="metrics", columns=["metric", "value"], data=rows)
+            logger.log_table(key="metrics", columns=["metric", "value"], data=[[k, v] for k, v in numbers.items()])

@@ -93,6 +93,8 @@ def test_linear_and_finetune_write_metrics_plots_and_report(tmp_path, cache_dir,
     for name in ("report.md", "confusion_matrix.png", "roc.png", "curves.png"):
         assert (run_dir / name).is_file(), name
     assert "confusion_matrix.png" in (run_dir / "report.md").read_text()
+    logged = (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "result/test.accuracy" in logged[0]  # the test metrics reach the logger too
 
 
 @pytest.mark.slow
