@@ -44,10 +44,13 @@ class Downstream(pl.LightningModule):
         if n_out == 0:
             raise ConfigError(f"task.objective={objective} has nothing to predict on this dataset.")
         features = backbone.num_features
+        if dropout and head != "conv_mlp":
+            raise ConfigError(f"task.dropout={dropout} applies to head=conv_mlp only; set task.dropout=0 for "
+                              f"head={head}.")
         if head == "conv_mlp":
             if backbone.name.startswith("vit"):
                 raise ConfigError("task.head=conv_mlp needs a convolutional feature map; use head=mlp with a ViT.")
-            self.head = conv_map_mlp(features, n_out, dropout=dropout or 0.5)
+            self.head = conv_map_mlp(features, n_out, dropout=dropout)
         else:
             self.head = mlp(features, list(hidden_dims) if head == "mlp" else [], n_out)
         if self.target_names:

@@ -15,6 +15,7 @@ from ssl_lab.augment import Augment
 from ssl_lab.backbones import build_backbone
 from ssl_lab.cli import run_or_exit
 from ssl_lab.downstream import Downstream
+from ssl_lab.errors import ConfigError
 from ssl_lab.tasks import TASKS
 
 SHORT = ["task.max_epochs=1", "+trainer.limit_val_batches=1"]
@@ -68,8 +69,11 @@ def test_conv_mlp_head_is_the_vgg_baseline_head():
     model = _module(backbone=backbone, head="conv_mlp", objective="joint", dropout=0.5)
     linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512 * 3 * 3, 4096), (4096, 4096), (4096, 5)]
+    assert [m.p for m in model.head if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
     logits, reg = model.eval()(torch.randn(2, 8, 96, 96))
     assert logits.shape == (2, 3) and reg.shape == (2, 2)
+    with pytest.raises(ConfigError, match="task.dropout=0.5 applies to head=conv_mlp only"):
+        _module(head="linear", dropout=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +116,8 @@ def test_joint_reports_regression_per_target(tmp_path, cache_dir):
 def test_supervised_vgg_baseline_with_large_head(tmp_path, cache_dir):
     run_dir = tmp_path / "vgg"
     summary = TASKS["supervised"](compose_cfg([*TINY, *SHORT, *tiny_data("jets_sim", cache_dir), "task=supervised",
-                                               "backbone=vgg11", "task.head=conv_mlp", "task.objective=joint",
+                                               "backbone=vgg11", "task.head=conv_mlp", "task.dropout=0.5",
+                                               "task.objective=joint",
                                                f"run_dir={run_dir}"]))
     assert summary["pretrained"] is None and set(summary["test"]["regression"]) == {"m", "pT"}
 
