@@ -1,6 +1,6 @@
 """SSL losses as pure functions of two batches of embeddings (easy to unit-test and to reuse under DDP).
 
-Both compute in float32 with autocast disabled: exp/log over a similarity matrix and batch standardisation are
+All compute in float32 with autocast disabled: exp/log over a similarity matrix and batch standardisation are
 too lossy in bf16/fp16.
 """
 
@@ -67,3 +67,58 @@ def barlow_twins_loss(
         on = (diag - 1).pow(2).sum()
         off = c.pow(2).masked_fill(torch.eye(c.shape[0], dtype=torch.bool, device=c.device), 0.0).sum()
         return on + lambd * off, {"on_diag": on, "off_diag": off}
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL: ``2 - 2 cos(p, z)`` averaged over the batch (the MSE of the L2-normalised vectors).
+
+    ``p`` is the online prediction, ``z`` the target projection of the other view; ``z`` is detached here, so the
+    target never receives gradients even if the caller forgot ``no_grad``. One direction only: the method sums
+    both (p1, z2) and (p2, z1).
+    """
+    _check_pair(p, z, "byol_loss", 1)
+    with _float32(p.device):
+        cos = F.cosine_similarity(p.float(), z.detach().float(), dim=1)
+        return (2.0 - 2.0 * cos).mean()
+
+
+def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
+    """SimSiam: negative cosine ``-cos(p, stopgrad(z))`` averaged over the batch, in [-1, 1].
+
+    The stop-gradient on ``z`` is what keeps SimSiam from collapsing, so it lives here, not in the caller.
+    One direction only: the method averages (p1, z2) and (p2, z1).
+    """
+    _check_pair(p, z, "simsiam_loss", 1)
+    with _float32(p.device):
+        return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+def vicreg_loss(
+    z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: float = 25.0, cov_weight: float = 1.0,
+    eps: float = 1e-4,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """VICReg (Bardes et al. 2022): invariance + variance + covariance, returned unweighted as terms.
+
+    - invariance: mean squared error between the views, over N x D.
+    - variance: hinge ``mean_d relu(1 - sqrt(var_d + eps))`` with the unbiased batch variance (gamma = 1),
+      averaged over the two views.
+    - covariance: off-diagonal entries of each view's (unbiased) covariance, squared, summed, divided by D;
+      summed over the two views.
+    The view-averaging of the variance and the view-sum of the covariance follow the authors' reference code,
+    which is what the default weights 25 / 25 / 1 were tuned with.
+    Returns ``(sim_weight * inv + var_weight * var + cov_weight * cov, {"invariance", "variance", "covariance"})``.
+    """
+    _check_pair(z1, z2, "vicreg_loss", 2)
+    n, d = z1.shape
+    with _float32(z1.device):
+        a, b = z1.float(), z2.float()
+        invariance = F.mse_loss(a, b)
+        a, b = a - a.mean(0), b - b.mean(0)
+        hinge_a = F.relu(1.0 - torch.sqrt(a.var(0) + eps)).mean()
+        hinge_b = F.relu(1.0 - torch.sqrt(b.var(0) + eps)).mean()
+        variance = (hinge_a + hinge_b) / 2
+        off = ~torch.eye(d, dtype=torch.bool, device=a.device)
+        cov_a, cov_b = a.T @ a / (n - 1), b.T @ b / (n - 1)
+        covariance = cov_a[off].pow(2).sum() / d + cov_b[off].pow(2).sum() / d
+        loss = sim_weight * invariance + var_weight * variance + cov_weight * covariance
+        return loss, {"invariance": invariance, "variance": variance, "covariance": covariance}
