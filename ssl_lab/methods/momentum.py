@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ def ema_update(online: nn.Module, target: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
 
 
-class MomentumMixin:
+class MomentumMixin(ABC):
     """Lightning hooks that keep the EMA targets of `momentum_pairs()` up to date; mix in before SSLMethod."""
 
     def init_momentum(self, base_tau: float, final_tau: float = 1.0) -> None:
@@ -60,9 +61,9 @@ class MomentumMixin:
         self.tau = float(base_tau)
         self._ema_step = -1
 
+    @abstractmethod
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """The (online, target) module pairs to average; each target built by `momentum_copy(online)`."""
-        raise NotImplementedError
 
     def current_tau(self) -> float:
         """tau for the update that follows the optimizer step just taken (base_tau for the first one)."""
