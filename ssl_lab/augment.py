@@ -516,3 +516,10 @@ class Augment(nn.Module):
         idx = (u[:, 1] * c).long().clamp(max=c - 1)
         drop = F.one_hot(idx, c).to(torch.bool) & on.view(n, 1)
         return y.masked_fill(drop.view(n, c, 1, 1), 0.0)
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """Augmentation randomness as a pure function of (seed, step, rank), so a resumed run sees the same views."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((int(seed) * 1_000_003 + int(step)) * 64 + int(rank))
+    return gen

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_lab.augment import Augment
+from ssl_lab.augment import Augment, step_generator
 from ssl_lab.errors import ConfigError
 from ssl_lab.heads import conv_map_mlp, mlp
 from ssl_lab.optim import build_optimizer, build_scheduler, param_groups
@@ -80,8 +80,7 @@ class Downstream(pl.LightningModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         x = batch["x"]
         if self._trainer is not None and self.trainer.training and self.train_augment:
-            gen = torch.Generator(device=x.device)
-            gen.manual_seed(self.seed * 1_000_003 + self.global_step)
+            gen = step_generator(self.seed, self.global_step, self.global_rank, x.device)
             batch["view"] = self.augment(x, generator=gen)[0]
         else:
             batch["view"] = self.augment.eval_view(x)

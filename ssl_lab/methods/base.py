@@ -11,12 +11,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from ssl_lab.augment import Augment
+from ssl_lab.augment import Augment, step_generator
 from ssl_lab.errors import ConfigError
 from ssl_lab.optim import build_optimizer, build_scheduler, param_groups
-
-_STEP_STRIDE = 1_000_003  # keeps (seed, step, rank) streams apart
-
 
 class SSLMethod(pl.LightningModule, ABC):
     """Base LightningModule for self-supervised pretraining on unlabelled batches {"x": [B, C, H, W]}."""
@@ -29,16 +26,11 @@ class SSLMethod(pl.LightningModule, ABC):
         self.optim_cfg = dict(optim)
         self.seed = int(seed)
 
-    def view_generator(self, device: torch.device) -> torch.Generator:
-        """Augmentation randomness as a pure function of (seed, step, rank), so a resumed run sees the same views."""
-        gen = torch.Generator(device=device)
-        gen.manual_seed((self.seed * _STEP_STRIDE + self.global_step) * 64 + self.global_rank)
-        return gen
-
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._trainer is not None and self.trainer.training:
             x = batch["x"]
-            batch["views"] = self.augment(x, generator=self.view_generator(x.device))
+            gen = step_generator(self.seed, self.global_step, self.global_rank, x.device)
+            batch["views"] = self.augment(x, generator=gen)
         return batch
 
     @abstractmethod
