@@ -6,9 +6,9 @@ stacked along the batch axis ([V*B, C, H, W]), each op draws one tensor of per-s
 an op skips get identity parameters, so there is no Python loop over samples and no host-device sync.
 
 Pipeline (fixed order, whatever the order of ``ops`` in the config):
-uint8 -> float/255 (float stays in raw units) -> geometry (resized_crop, hflip, vflip, rot90 composed into ONE affine
-per view, one ``affine_grid`` + ``grid_sample``) -> colour (color_jitter, grayscale, solarize; RGB only) -> intensity
--> blur -> normalise (mean/std) -> noise -> channel_drop.
+uint8 -> float/255 (float stays in raw units) -> geometry (resized_crop, hflip, vflip, rot90, rotate composed into ONE
+affine per view, one ``affine_grid`` + ``grid_sample``) -> colour (color_jitter, grayscale, solarize; RGB only)
+-> intensity -> blur -> normalise (mean/std) -> noise -> channel_drop.
 
 Op parameters and defaults (an op absent from ``ops`` is off; ``p: 0`` also turns it off; ``op: null`` in YAML means
 "on, with defaults"):
@@ -17,6 +17,8 @@ Op parameters and defaults (an op absent from ``ops`` is off; ``p: 0`` also turn
 resized_crop  p=1.0, scale=[0.08, 1.0] (area fraction), ratio=[3/4, 4/3] (w/h, drawn log-uniformly)
 hflip/vflip   p=0.5
 rot90         p=1.0 (k uniform in 0..3, so k=0 is already one of the outcomes)
+rotate        p=1.0, degrees=[0, 360] (angle drawn uniformly, in rot90's sense: 90 = one rot90 turn; the view's
+              corners that a turn brings in from outside the image are mirrored content, see PADDING_MODE)
 color_jitter  p=0.8, brightness=0.4, contrast=0.4, saturation=0.2 (x -> factor in [max(0, 1-x), 1+x], or a pair),
               hue=0.1 (h -> shift in [-h, h] turns, h <= 0.5, or a pair)
 grayscale     p=0.2
@@ -49,14 +51,18 @@ from ssl_lab.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 RGB_ONLY = frozenset({"color_jitter", "grayscale", "solarize"})
-GEOMETRIC = ("resized_crop", "hflip", "vflip", "rot90")
+GEOMETRIC = ("resized_crop", "hflip", "vflip", "rot90", "rotate")
 OPS = (*GEOMETRIC, "color_jitter", "grayscale", "solarize", "intensity", "blur", "noise", "channel_drop")
 
-# grid_sample padding. Every sampling point lies inside the image box by construction (crops never leave the image,
-# flips and 90-degree turns map the square onto itself), so padding only decides the outer half-pixel ring when a
-# view is resampled. "zeros" would blend that ring with 0 (a fake dark frame, i.e. a feature the network could
-# learn); PyTorch's "reflection" with align_corners=False reflects and then clips to the edge pixel, so the ring keeps
-# the edge value. It also makes an identity affine equal to F.interpolate(bilinear), which eval_view uses.
+# grid_sample padding. Without `rotate`, every sampling point lies inside the image box by construction (crops never
+# leave the image, flips and 90-degree turns map the square onto itself), so padding only decides the outer half-pixel
+# ring when a view is resampled. "zeros" would blend that ring with 0 (a fake dark frame, i.e. a feature the network
+# could learn); PyTorch's "reflection" with align_corners=False reflects and then clips to the edge pixel, so the ring
+# keeps the edge value. It also makes an identity affine equal to F.interpolate(bilinear), which eval_view uses.
+# A turn by another angle swings the view's corners out of the box (by up to 41% of the half-width at 45 degrees for a
+# full-image view): reflection fills them with the image mirrored at its edge, which continues a noisy background,
+# where zeros would add constant wedges whose edges reveal the angle. The cost: a structure within ~20% of the edge can
+# show up mirrored in a corner; views cropped well inside the image turn in real content instead.
 PADDING_MODE = "reflection"
 CROP_TRIES = 10  # batched rejection sampling for crops whose box would leave the image (as torchvision does)
 
@@ -134,6 +140,7 @@ SPECS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
     "hflip": {"p": (0.5, _prob)},
     "vflip": {"p": (0.5, _prob)},
     "rot90": {"p": (1.0, _prob)},
+    "rotate": {"p": (1.0, _prob), "degrees": ((0.0, 360.0), _pair(-360.0, 360.0))},
     "color_jitter": {"p": (0.8, _prob), "brightness": (0.4, _strength), "contrast": (0.4, _strength),
                      "saturation": (0.2, _strength), "hue": (0.1, _hue)},
     "grayscale": {"p": (0.2, _prob)},
@@ -169,7 +176,7 @@ def parse_ops(name: str, ops: Mapping[str, Any] | None) -> dict[str, dict[str, A
                                   f"{', '.join(spec)}. Fix or remove augment.ops.{op}.{key}.")
         parsed: dict[str, Any] = {}
         for key, (default, parse) in spec.items():
-            value = params[key] if key in params else default
+            value = params.get(key, default)
             try:
                 parsed[key] = parse(value)
             except ValueError as err:
@@ -213,14 +220,19 @@ def _lerp(u: Tensor, lo_hi: tuple[float, float]) -> Tensor:
     return lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u
 
 
-def affine_theta(fw: Tensor, fh: Tensor, cx: Tensor, cy: Tensor, k: Tensor, flip_x: Tensor, flip_y: Tensor) -> Tensor:
+def affine_theta(fw: Tensor, fh: Tensor, cx: Tensor, cy: Tensor, k: Tensor, flip_x: Tensor, flip_y: Tensor,
+                 angle: Tensor | None = None) -> Tensor:
     """[N, 2, 3] affine mapping output to input normalised coords: crop box (half-sizes fw, fh, centre cx, cy, all
-    in [-1, 1] units) after a turn by k*90 degrees (as torch.rot90(k, dims=(-2, -1))) after flips of the output.
+    in [-1, 1] units) after a turn by k*90 degrees (as torch.rot90(k, dims=(-2, -1))) plus ``angle`` radians in the
+    same sense (the square view turns about its centre) after flips of the output.
 
     Exposed so tests (and users) can force parameters."""
     # exact cos/sin of k*90 degrees (integers, built on the device), so turns resample pixel centres
     cos = ((k == 0).to(fw.dtype) - (k == 2).to(fw.dtype))
     sin = ((k == 1).to(fw.dtype) - (k == 3).to(fw.dtype))
+    if angle is not None:  # compose with the free angle; without one the exact matrices above stay untouched
+        ca, sa = torch.cos(angle).to(fw.dtype), torch.sin(angle).to(fw.dtype)
+        cos, sin = cos * ca - sin * sa, sin * ca + cos * sa
     sx = 1.0 - 2.0 * flip_x.to(fw.dtype)
     sy = 1.0 - 2.0 * flip_y.to(fw.dtype)
     row0 = torch.stack([fw * cos * sx, -fw * sin * sy, cx], dim=-1)
@@ -392,21 +404,37 @@ class Augment(nn.Module):
         return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
     # --------------------------------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor, generator: torch.Generator | None = None, out_size: int | None = None
-                ) -> list[Tensor]:
-        """Raw batch [B, C, H, W] -> list of n_views normalised views [B, C, S, S] (S = out_size or size or input)."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, out_size: int | None = None,
+                n_views: int | None = None, crop_scale: Sequence[float] | None = None) -> list[Tensor]:
+        """Raw batch [B, C, H, W] -> list of n_views normalised views [B, C, S, S] (S = out_size or size or input).
+
+        ``n_views`` and ``crop_scale`` override the preset for this call only: a method that needs one view (MAE,
+        pretext tasks) or extra small crops (DINO's multi-crop) reuses the preset and its normalisation stats."""
         x, out_dtype, side = self._prepare(x, out_size)
         b, c, h, w = x.shape
+        if n_views is not None and (isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1):
+            raise ConfigError(f"augment preset '{self.name}': n_views={n_views!r}; expected an integer >= 1.")
+        ops = self.active
+        if crop_scale is not None:
+            if "resized_crop" not in ops:
+                raise ConfigError(f"augment preset '{self.name}' has no resized_crop op, so a crop scale of "
+                                  f"{list(crop_scale)} cannot be applied; add augment.ops.resized_crop.")
+            try:
+                scale = _pair(0.0, 1.0, True)(crop_scale)
+            except ValueError as err:
+                raise ConfigError(f"augment preset '{self.name}': crop scale {crop_scale!r} is invalid "
+                                  f"({err}).") from None
+            ops = {**ops, "resized_crop": {**ops["resized_crop"], "scale": scale}}
         rgb = self.rgb_only_ops
         if c != 3 and rgb:
             raise ConfigError(f"augment preset '{self.name}': op(s) {', '.join(rgb)} need 3-channel RGB images but "
                               f"the batch has {c} channels; use a channel-agnostic preset (e.g. augment=physics) or "
                               "remove these ops.")
-        v = self.n_views
+        v = self.n_views if n_views is None else n_views
         draws = _Draws(generator, x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = x.unsqueeze(0).expand(v, b, c, h, w).reshape(v * b, c, h, w)  # views stacked along the batch
-            y = self._geometry(self._to_float(y), side, draws)
+            y = self._geometry(self._to_float(y), side, draws, ops)
             if c == 3:
                 y = self._colour(y, draws)
             y = self._intensity(y, draws)
@@ -426,9 +454,8 @@ class Augment(nn.Module):
         return self._normalise(y).to(out_dtype)
 
     # ------------------------------------------------------------------------------------------------ op stages
-    def _geometry(self, y: Tensor, side: int, draws: _Draws) -> Tensor:
+    def _geometry(self, y: Tensor, side: int, draws: _Draws, ops: Mapping[str, dict[str, Any]]) -> Tensor:
         n, _, h, w = y.shape
-        ops = self.active
         if not any(op in ops for op in GEOMETRIC):
             if (h, w) == (side, side):
                 return y
@@ -451,7 +478,13 @@ class Augment(nn.Module):
         if "rot90" in ops:
             u = draws.uniform(n, 2)
             k = torch.where(u[:, 0] < ops["rot90"]["p"], (u[:, 1] * 4).long().clamp(max=3), k)
-        return warp(y, affine_theta(fw, fh, cx, cy, k, flip_x, flip_y), side)
+        angle = None
+        if "rotate" in ops:
+            prm = ops["rotate"]
+            u = draws.uniform(n, 2)
+            degrees = torch.where(u[:, 0] < prm["p"], _lerp(u[:, 1], prm["degrees"]), torch.zeros_like(u[:, 1]))
+            angle = torch.deg2rad(degrees)
+        return warp(y, affine_theta(fw, fh, cx, cy, k, flip_x, flip_y, angle), side)
 
     def _colour(self, y: Tensor, draws: _Draws) -> Tensor:
         n = y.shape[0]

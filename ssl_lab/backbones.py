@@ -32,9 +32,12 @@ _VIT_TIMM_NAME = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_pa
 _ALLOWED_KWARGS: dict[str, frozenset[str]] = {
     "resnet": frozenset({"zero_init_residual"}),
     "vgg": frozenset({"batch_norm"}),
-    "vit": frozenset({"patch_size", "drop_path_rate", "drop_rate", "dynamic_img_size"}),
+    "vit": frozenset({"patch_size", "drop_path_rate", "drop_rate", "dynamic_img_size", "pool", "depth"}),
 }
-_VGG_MIN_SIZE = 32  # five 2x2 max-pools
+# How a ViT turns its tokens into one vector: the class token, or the mean of the patch tokens (both after the
+# final norm). Pooling has no weights, so a downstream task may read a pretrained ViT either way.
+VIT_POOLS: tuple[str, ...] = ("cls", "mean")
+VGG_MIN_SIZE = 32  # five 2x2 max-pools
 
 
 class BackboneMixin:
@@ -128,9 +131,14 @@ class VGGBackbone(BackboneMixin, nn.Module):
 
 
 class TimmBackbone(BackboneMixin, nn.Module):
-    """A timm model with ``num_classes=0`` (pooled features out), wrapped to carry our metadata."""
+    """A timm VisionTransformer with ``num_classes=0``, wrapped to carry our metadata and pool its tokens itself.
 
-    def __init__(self, name: str, in_chans: int, image_size: int, **timm_kwargs: Any) -> None:
+    timm's own ``global_pool='avg'`` would replace ``norm`` by ``fc_norm`` and so change the state-dict keys; we keep
+    timm's token-pool layout (final ``norm`` on every token) and pick cls or mean here, so one set of weights serves
+    both poolings.
+    """
+
+    def __init__(self, name: str, in_chans: int, image_size: int, pool: str = "cls", **timm_kwargs: Any) -> None:
         super().__init__()
         import timm  # local: timm import is slow and only ViTs need it
 
@@ -138,17 +146,25 @@ class TimmBackbone(BackboneMixin, nn.Module):
             _VIT_TIMM_NAME[name], pretrained=False, num_classes=0, in_chans=in_chans, img_size=image_size,
             **timm_kwargs,
         )
-        self._set_meta(name, in_chans, int(self.model.num_features), False, image_size, timm_kwargs)
+        self.pool = pool
+        self._set_meta(name, in_chans, int(self.model.num_features), False, image_size,
+                       {**timm_kwargs, "pool": pool})
 
     def no_weight_decay(self) -> set[str]:
         """Position embeddings and class tokens are not decayed (timm's own list)."""
         return set(self.model.no_weight_decay())
 
     def forward_features(self, x: Tensor) -> Tensor:
+        """All tokens after the final norm, [B, prefix + patches, D] (prefix: the class token)."""
         return self.model.forward_features(x)
 
+    def pool_tokens(self, tokens: Tensor) -> Tensor:
+        """[B, T, D] tokens -> [B, D] with this backbone's pooling ('mean' skips the class token)."""
+        pooled = self.model.pool(tokens, pool_type="token" if self.pool == "cls" else "avg")
+        return self.model.head_drop(self.model.fc_norm(pooled))  # fc_norm is Identity in token-pool layout
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        return self.pool_tokens(self.model.forward_features(x))
 
 
 def _family(name: str) -> str:
@@ -193,9 +209,9 @@ def build_backbone(name: str, in_chans: int, small_stem: bool | str = "auto", im
         return ResNetBackbone(name, in_chans, stem, image_size, **kwargs)
 
     if family == "vgg":
-        if image_size is not None and image_size < _VGG_MIN_SIZE:
+        if image_size is not None and image_size < VGG_MIN_SIZE:
             raise ConfigError(
-                f"vgg11 needs images of at least {_VGG_MIN_SIZE} px (five 2x2 max-pools), got image_size={image_size}; "
+                f"vgg11 needs images of at least {VGG_MIN_SIZE} px (five 2x2 max-pools), got image_size={image_size}; "
                 "use a ResNet backbone or larger images."
             )
         return VGGBackbone(in_chans, image_size, **kwargs)
@@ -211,7 +227,17 @@ def build_backbone(name: str, in_chans: int, small_stem: bool | str = "auto", im
             f"{name}: image_size={size} is not divisible by patch_size={patch!r}; set backbone.patch_size to a "
             f"divisor of the image size ({hint})."
         )
-    return TimmBackbone(name, in_chans, size, patch_size=patch, **kwargs)
+    pool = kwargs.pop("pool", None) or "cls"
+    if pool not in VIT_POOLS:
+        raise ConfigError(f"backbone.pool={pool!r} is not a ViT pooling; choose one of: {', '.join(VIT_POOLS)} "
+                          "(cls: the class token, mean: the mean of the patch tokens).")
+    depth = kwargs.get("depth")
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ConfigError(f"backbone.depth={depth!r}: the number of transformer blocks must be a positive integer "
+                          "(or leave it out for the model's own depth).")
+    if depth is None:
+        kwargs.pop("depth", None)
+    return TimmBackbone(name, in_chans, size, pool=pool, patch_size=patch, **kwargs)
 
 
 def backbone_from_meta(meta: Mapping[str, Any]) -> nn.Module:

@@ -122,3 +122,113 @@ def vicreg_loss(
         covariance = cov_a[off].pow(2).sum() / d + cov_b[off].pow(2).sum() / d
         loss = sim_weight * invariance + var_weight * variance + cov_weight * covariance
         return loss, {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+def mocov3_loss(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
+    """MoCo v3 (Chen, Xie & He 2021): InfoNCE of each query against all keys, its own key the positive.
+
+    ``q`` [N, D] are the online predictions of one view, ``k`` [N, D] the momentum encoder's projections of the
+    other (detached here); row i of q pairs with row i of k, the other N-1 keys are negatives. Scaled by
+    ``2 * temperature`` as in the paper, which keeps the gradient's size independent of the temperature. One
+    direction only: the method sums (q1, k2) and (q2, k1).
+    """
+    _check_pair(q, k, "mocov3_loss", 1)
+    if not temperature > 0:
+        raise ValueError(f"mocov3_loss: temperature must be > 0, got {temperature}.")
+    with _float32(q.device):
+        logits = F.normalize(q.float(), dim=1) @ F.normalize(k.detach().float(), dim=1).T / temperature
+        targets = torch.arange(q.shape[0], device=q.device)
+        return 2.0 * temperature * F.cross_entropy(logits, targets)
+
+
+def dino_loss(student_logits: list[Tensor], teacher_logits: list[Tensor], center: Tensor, student_temp: float = 0.1,
+              teacher_temp: float = 0.04) -> Tensor:
+    """DINO: cross-entropy from the centred, sharpened teacher to the student, over every pair of different views.
+
+    Convention: ``teacher_logits`` holds the V_t global views, ``student_logits`` all V_s >= V_t views with the same
+    global views first, so ``student_logits[i]`` and ``teacher_logits[i]`` are the same view and that pair is
+    skipped. Teacher: ``softmax((t - center) / teacher_temp)``, detached here (the teacher never gets gradients);
+    student: ``log_softmax(s / student_temp)``. Per pair: ``-sum_k P_t log P_s`` over the K prototypes, mean over
+    the batch; the loss is the mean over the V_t * V_s - V_t pairs (as the authors' code). ``center`` is [K] or
+    [1, K]; the caller updates it after this call.
+    """
+    if not teacher_logits or len(student_logits) < len(teacher_logits):
+        raise ValueError(f"dino_loss: needs at least one teacher view and at least as many student views, got "
+                         f"{len(teacher_logits)} teacher and {len(student_logits)} student views.")
+    shape = teacher_logits[0].shape
+    if len(shape) != 2 or any(t.shape != shape for t in (*teacher_logits, *student_logits)):
+        shapes = [tuple(t.shape) for t in (*teacher_logits, *student_logits)]
+        raise ValueError(f"dino_loss: every view's logits must be [N, K] with the same shape, got {shapes}.")
+    if center.numel() != shape[1]:
+        raise ValueError(f"dino_loss: center has {center.numel()} entries for {shape[1]} prototypes.")
+    if not (student_temp > 0 and teacher_temp > 0):
+        raise ValueError(f"dino_loss: temperatures must be > 0, got student_temp={student_temp}, "
+                         f"teacher_temp={teacher_temp}.")
+    if len(student_logits) < 2:
+        raise ValueError("dino_loss: one view leaves no pair of different views; pass at least two student views.")
+    with _float32(center.device):
+        c = center.detach().float().reshape(1, -1)
+        targets = [F.softmax((t.detach().float() - c) / teacher_temp, dim=1) for t in teacher_logits]
+        log_probs = [F.log_softmax(s.float() / student_temp, dim=1) for s in student_logits]
+        terms = [-(p_t * log_p).sum(dim=1).mean()
+                 for i, p_t in enumerate(targets) for j, log_p in enumerate(log_probs) if i != j]
+        return torch.stack(terms).mean()
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """[B, C, H, W] -> [B, N, patch * patch * C]: the pixel targets MAE reconstructs, one row per ViT token.
+
+    Patches are numbered row-major over the (H/patch, W/patch) grid, the order of timm's patch embedding, so row n
+    is token n. Within a patch, element ``(dy * patch + dx) * C + c`` is pixel (dy, dx) of channel c: channels
+    vary fastest, then columns, then rows.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"patchify: images must be [B, C, H, W], got shape {tuple(images.shape)}.")
+    b, c, h, w = images.shape
+    if patch < 1 or h % patch or w % patch:
+        raise ValueError(f"patchify: a {h}x{w} image does not tile into {patch}x{patch} patches; "
+                         "use a patch size that divides the image size.")
+    gh, gw = h // patch, w // patch
+    x = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, dy, dx, C]
+    return x.reshape(b, gh * gw, patch * patch * c)
+
+
+def mae_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True, eps: float = 1e-6) -> Tensor:
+    """MAE: mean squared error per patch, averaged over the masked patches only (``mask`` 1 = masked, 0 = seen).
+
+    ``pred`` and ``target`` are [B, N, D] (``patchify`` rows), ``mask`` is [B, N]. The visible patches are left out:
+    copying them back teaches nothing. With ``norm_pix`` each target patch is standardised by its own mean and
+    unbiased variance, ``(t - mean) / sqrt(var + eps)`` (the paper's better-representation variant); the caller
+    needs at least one masked patch (an all-visible mask divides 0 by 0).
+    """
+    if pred.ndim != 3 or pred.shape != target.shape or mask.shape != pred.shape[:2]:
+        raise ValueError(f"mae_loss: pred and target must be [B, N, D] with mask [B, N], got {tuple(pred.shape)}, "
+                         f"{tuple(target.shape)} and {tuple(mask.shape)}.")
+    if norm_pix and (pred.shape[2] < 2 or not eps > 0):
+        raise ValueError(f"mae_loss: norm_pix=True needs at least 2 values per patch and eps > 0 (a flat patch has "
+                         f"variance 0), got {pred.shape[2]} values and eps={eps}.")
+    with _float32(pred.device):
+        t = target.detach().float()
+        if norm_pix:
+            t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + eps).sqrt()
+        per_patch = (pred.float() - t).pow(2).mean(dim=-1)
+        m = mask.float()
+        return (per_patch * m).sum() / m.sum()
+
+
+def pretext_classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pretext tasks (which rotation, which blur level): mean cross-entropy of ``logits`` [N, K] against the
+    transform ``labels`` [N] (integers in 0..K-1), and ``{"acc": fraction of argmax == label}``, detached, for
+    logging (ties go to the lowest class, torch.argmax's rule). No range check on the labels: it would make the host
+    wait for the device every step; cross_entropy itself rejects out-of-range labels.
+    """
+    if logits.ndim != 2 or labels.ndim != 1 or labels.shape[0] != logits.shape[0] or logits.shape[0] < 1:
+        raise ValueError(f"pretext_classification_loss: logits must be [N, K] and labels [N] with N >= 1, got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}.")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"pretext_classification_loss: labels must be integer class indices, got {labels.dtype}.")
+    with _float32(logits.device):
+        z = logits.float()
+        loss = F.cross_entropy(z, labels.long())
+        acc = (z.detach().argmax(dim=1) == labels).float().mean()
+        return loss, {"acc": acc}

@@ -90,3 +90,8 @@ def test_data_error_through_the_cli_has_no_traceback(tmp_path):
     out = run_cli(["dataset=lens_h5", "dataset.path=/no/such.h5", f"run_dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert out.returncode == 2
     assert "/no/such.h5" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_two_view_method_with_three_views(tmp_path, cache_dir, capsys):
+    err = _fails([*tiny_data("lens_sim", cache_dir), "augment.n_views=3"], tmp_path / "run", capsys)
+    assert "augment.n_views=3" in err and "augment.n_views=2" in err

@@ -1,11 +1,11 @@
-"""BYOL, SimSiam and VICReg losses against values worked out by hand, plus the properties the methods rely on."""
+"""BYOL, SimSiam, VICReg and MoCo v3 losses against values worked out by hand, and the properties methods need."""
 
 import math
 
 import pytest
 import torch
 
-from ssl_lab.losses import byol_loss, simsiam_loss, vicreg_loss
+from ssl_lab.losses import byol_loss, mocov3_loss, simsiam_loss, vicreg_loss
 
 # p rows: (1,0) and (0,2); z rows: (1,1) and (0,-3). Cosines: 1/sqrt(2) and (0*0 + 2*-3)/(2*3) = -1.
 P = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
@@ -97,3 +97,23 @@ def test_shape_errors_name_shapes():
         simsiam_loss(torch.zeros(4, 3), torch.zeros(5, 3))
     with pytest.raises(ValueError, match="at least 2"):
         vicreg_loss(torch.zeros(1, 3), torch.zeros(1, 3))
+
+
+def test_mocov3_hand_computed():
+    # Unit rows: q = (1,0), (0,1); k = (1,1)/sqrt 2, (0,-1). With T = 0.5 the logits are 2 * cosines:
+    # row 1 [sqrt 2, 0] (target 0), row 2 [sqrt 2, -2] (target 1); the loss is 2T = 1 times the mean CE.
+    ce1 = math.log(1 + math.exp(-math.sqrt(2)))
+    ce2 = math.log(1 + math.exp(2 + math.sqrt(2)))
+    assert mocov3_loss(P, Z, temperature=0.5).item() == pytest.approx((ce1 + ce2) / 2, rel=1e-6)
+    # 2T scaling: the same cosines at T = 0.25 give 0.5 times the CE of logits 4 * cosines.
+    ce1, ce2 = math.log(1 + math.exp(-2 * math.sqrt(2))), math.log(1 + math.exp(4 + 2 * math.sqrt(2)))
+    assert mocov3_loss(P, Z, temperature=0.25).item() == pytest.approx(0.5 * (ce1 + ce2) / 2, rel=1e-6)
+
+
+def test_mocov3_keys_get_no_gradient_and_bad_temperature_is_refused():
+    q = P.clone().requires_grad_(True)
+    k = Z.clone().requires_grad_(True)
+    mocov3_loss(q, k).backward()
+    assert k.grad is None and q.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="temperature"):
+        mocov3_loss(P, Z, temperature=0.0)

@@ -1,4 +1,4 @@
-"""BYOL, SimSiam and VICReg: CLI pretraining on 1 and 8 channels, the EMA rule, and a collapse check."""
+"""BYOL, SimSiam, VICReg and MoCo v3: CLI pretraining on 1 and 8 channels, the EMA rule, and a collapse check."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
@@ -10,11 +10,12 @@ from conftest import TINY, run_cli, tiny_data
 from ssl_lab.artifacts import load_backbone_file
 from ssl_lab.augment import Augment
 from ssl_lab.methods.byol import BYOL
+from ssl_lab.methods.mocov3 import MoCoV3
 from ssl_lab.methods.momentum import cosine_tau
 from ssl_lab.methods.simsiam import SimSiam
 from ssl_lab.methods.vicreg import VICReg
 
-NEW = ("byol", "simsiam", "vicreg")
+NEW = ("byol", "simsiam", "vicreg", "mocov3")
 OPTIM = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
 
 
@@ -35,7 +36,7 @@ def test_new_methods_pretrain_through_the_cli(tmp_path, cache_dir, dataset, chan
         assert "train/loss_step" in header
         if method == "vicreg":
             assert all(f"train/{t}_step" in header for t in ("invariance", "variance", "covariance"))
-        if method == "byol":
+        if method in ("byol", "mocov3"):
             assert "train/tau" in header
 
 
@@ -70,26 +71,31 @@ def fit(model, steps: int, batch_size: int = 32, callbacks=()) -> None:
     return trainer
 
 
-def test_byol_target_follows_the_ema_rule_and_is_not_optimised():
+@pytest.mark.parametrize("cls,prefix", [(BYOL, "target_"), (MoCoV3, "momentum_")], ids=["byol", "mocov3"])
+def test_target_follows_the_ema_rule_and_is_not_optimised(cls, prefix):
     pl.seed_everything(0)
-    model = tiny_method(BYOL, pred_hidden_dims=[64], base_tau=0.9)
-    target_old = model.target_backbone[0].weight.detach().clone()
-    assert torch.equal(target_old, model.backbone[0].weight)  # the target starts as a copy
+    model = tiny_method(cls, pred_hidden_dims=[64], base_tau=0.9)
+    pairs = model.momentum_pairs()
+    assert [online for online, _ in pairs] == [model.backbone, model.projector]
+    target_old = [p.detach().clone() for _, target in pairs for p in target.parameters()]
+    online_old = [p.detach().clone() for online, _ in pairs for p in online.parameters()]
+    assert all(torch.equal(t, o) for t, o in zip(target_old, online_old))  # each target starts as a copy
     trainer = fit(model, steps=1)
 
     tau = cosine_tau(0, 1, 0.9)
     assert tau == pytest.approx(0.9) and model.tau == pytest.approx(0.9)  # the first update uses base_tau
-    online_new = model.backbone[0].weight.detach()
-    target_new = model.target_backbone[0].weight.detach()
-    assert not torch.equal(online_new, target_old)  # the step moved the online network
-    torch.testing.assert_close(target_new, tau * target_old + (1 - tau) * online_new)
+    online_new = [p.detach() for online, _ in pairs for p in online.parameters()]
+    target_new = [p.detach() for _, target in pairs for p in target.parameters()]
+    assert not torch.equal(online_new[0], online_old[0])  # the step moved the online network
+    for new, old, online in zip(target_new, target_old, online_new):
+        torch.testing.assert_close(new, tau * old + (1 - tau) * online)
 
     optimised = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-    targets = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
+    targets = [p for _, target in pairs for p in target.parameters()]
     assert targets and not any(p.requires_grad or id(p) in optimised for p in targets)
     assert id(model.backbone[0].weight) in optimised and id(model.predictor[0].weight) in optimised
     # The targets are in the checkpointed state_dict, so a resumed run continues from them.
-    assert any(k.startswith("target_backbone.") for k in model.state_dict())
+    assert any(k.startswith(f"{prefix}backbone.") for k in model.state_dict())
 
 
 def test_cosine_tau_schedule():
@@ -108,7 +114,8 @@ class LossRecorder(pl.Callback):
 
 
 @pytest.mark.parametrize("cls,kw", [(BYOL, {"pred_hidden_dims": [64]}), (SimSiam, {"pred_hidden_dims": [16]}),
-                                    (VICReg, {})], ids=["byol", "simsiam", "vicreg"])
+                                    (VICReg, {}), (MoCoV3, {"pred_hidden_dims": [64]})],
+                         ids=["byol", "simsiam", "vicreg", "mocov3"])
 def test_loss_falls_without_collapse(cls, kw):
     pl.seed_everything(0)
     model = tiny_method(cls, **kw)

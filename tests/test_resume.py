@@ -25,14 +25,20 @@ def _overrides(cache_dir, run_dir, *extra):
             "optim.warmup_epochs=0.5", f"run_dir={run_dir}", *extra]
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path, cache_dir):
-    whole = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "whole")))
+# SimCLR; BYOL, whose EMA target and tau schedule must resume too.
+METHODS = {"simclr": [], "byol": ["method=byol", "method.pred_hidden_dims=[32]"]}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resumed_run_matches_uninterrupted_run(tmp_path, cache_dir, method):
+    extra = METHODS[method]
+    whole = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "whole", *extra)))
     assert whole["global_step"] == 4  # 18 training images, batches of 8, last one dropped
 
-    first = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "split",
+    first = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "split", *extra,
                                             f"+callbacks.stop._target_={__name__}.StopAfterEpoch")))
     assert first["global_step"] == 2
-    second = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "split", "resume=auto")))
+    second = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "split", *extra, "resume=auto")))
     assert second["resumed_from"].endswith("last.ckpt") and second["global_step"] == 4
 
     logs = sorted(p.parent.name for p in (tmp_path / "split" / "logs").glob("*/metrics.csv"))

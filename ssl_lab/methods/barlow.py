@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ssl_lab.augment import Augment
+from ssl_lab.distributed import gather
 from ssl_lab.heads import mlp
 from ssl_lab.losses import barlow_twins_loss
 from ssl_lab.methods.base import SSLMethod
@@ -23,5 +24,5 @@ class BarlowTwins(SSLMethod):
     def loss(self, views):
         h1, h2 = self.backbone(torch.cat(views)).chunk(2)
         # The projector's BatchNorm sees each view alone, as in the paper: its statistics are per view.
-        loss, terms = barlow_twins_loss(self.projector(h1), self.projector(h2), self.lambd)
-        return loss, terms
+        # Under DDP the standardisation and the cross-correlation span the global batch.
+        return barlow_twins_loss(gather(self.projector(h1)), gather(self.projector(h2)), self.lambd)

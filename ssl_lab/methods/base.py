@@ -1,6 +1,8 @@
 """Plumbing every SSL method shares: views made on the device, parameter groups, schedule, logging.
 
-A method subclass only builds its heads and implements `loss(views) -> (loss, terms)`.
+A method subclass only builds its heads and implements `loss(views) -> (loss, terms)`. Methods that need other
+views (one view, multi-crop) override `make_views`; methods that need more randomness in a step (MAE's masks, a
+pretext task's labels) draw it from `self.step_rng`, so a resumed run repeats it exactly.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from ssl_lab.augment import Augment, step_generator
 from ssl_lab.errors import ConfigError
 from ssl_lab.optim import build_optimizer, build_scheduler, param_groups
 
+
 class SSLMethod(pl.LightningModule, ABC):
     """Base LightningModule for self-supervised pretraining on unlabelled batches {"x": [B, C, H, W]}."""
 
@@ -25,12 +28,29 @@ class SSLMethod(pl.LightningModule, ABC):
         self.augment = augment
         self.optim_cfg = dict(optim)
         self.seed = int(seed)
+        self.step_rng: torch.Generator | None = None
+        if type(self).make_views is SSLMethod.make_views and augment.n_views != 2:
+            raise ConfigError(f"method={name} compares two views of each image but augment.n_views="
+                              f"{augment.n_views}; set augment.n_views=2.")
+
+    def refuse_augment_ops(self, ops: set[str] | frozenset[str], why: str) -> None:
+        """ConfigError if the preset applies any of ``ops``: e.g. random 90-degree turns would make rotation
+        prediction unlearnable. Refused, not dropped: the saved config must say what the views really were."""
+        clash = [op for op in self.augment.active if op in ops]
+        if clash:
+            drops = " ".join(f"~augment.ops.{op}" for op in clash)
+            raise ConfigError(f"method={self.method_name} cannot use augment={self.augment.name} with "
+                              f"{', '.join(clash)}: {why}. Use augment=minimal, or drop them with {drops}.")
+
+    def make_views(self, x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """The inputs of one step, made on the device: by default the preset's views."""
+        return self.augment(x, generator=generator)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._trainer is not None and self.trainer.training:
             x = batch["x"]
-            gen = step_generator(self.seed, self.global_step, self.global_rank, x.device)
-            batch["views"] = self.augment(x, generator=gen)
+            self.step_rng = step_generator(self.seed, self.global_step, self.global_rank, x.device)
+            batch["views"] = self.make_views(x, self.step_rng)
         return batch
 
     @abstractmethod
@@ -40,9 +60,10 @@ class SSLMethod(pl.LightningModule, ABC):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, terms = self.loss(batch["views"])
         n = batch["x"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        # sync_dist: under DDP a per-sample loss (BYOL, MAE, ...) differs by rank; the log shows the global mean.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
         for key, value in terms.items():
-            self.log(f"train/{key}", value, on_step=True, on_epoch=True, batch_size=n)
+            self.log(f"train/{key}", value, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def configure_optimizers(self):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ssl_lab.augment import Augment
+from ssl_lab.distributed import gather
 from ssl_lab.heads import mlp
 from ssl_lab.losses import nt_xent_loss
 from ssl_lab.methods.base import SSLMethod
@@ -24,4 +25,5 @@ class SimCLR(SSLMethod):
         # One backbone pass over both views: a larger batch keeps the device busier than two passes.
         z = self.projector(self.backbone(torch.cat(views)))
         z1, z2 = z.chunk(2)
-        return nt_xent_loss(z1, z2, self.temperature), {}
+        # Under DDP every rank scores the global batch, so negatives come from all ranks.
+        return nt_xent_loss(gather(z1), gather(z2), self.temperature), {}

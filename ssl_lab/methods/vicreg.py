@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ssl_lab.augment import Augment
+from ssl_lab.distributed import gather
 from ssl_lab.heads import mlp
 from ssl_lab.losses import vicreg_loss
 from ssl_lab.methods.base import SSLMethod
@@ -24,4 +25,5 @@ class VICReg(SSLMethod):
         h1, h2 = self.backbone(torch.cat(views)).chunk(2)
         # The expander's BatchNorm sees each view alone: the variance and covariance terms are per-view batch
         # statistics, and a BatchNorm shared across views would mix the two distributions they regularise.
-        return vicreg_loss(self.projector(h1), self.projector(h2), **self.weights)
+        # Under DDP the variance and covariance are statistics of the global batch.
+        return vicreg_loss(gather(self.projector(h1)), gather(self.projector(h2)), **self.weights)

@@ -52,11 +52,17 @@ def load_backbone(cfg: DictConfig, datamodule: Any, require_pretrained: bool) ->
         raise ConfigError(f"{path} was pretrained on {meta['in_chans']}-channel images but dataset "
                           f"{cfg.dataset.name} has {datamodule.in_chans}; use a backbone pretrained on this data "
                           "or set dataset.in_chans to match.")
-    backbone = backbone_from_meta(meta)
+    requested = _with_requested_pool(meta, cfg.backbone.get("pool"))
+    backbone = backbone_from_meta(requested)
     try:
         backbone.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
         raise ConfigError(f"{path}: weights do not fit the {meta['name']} architecture: {err}") from None
+    if requested is not meta:
+        pool, before = requested["kwargs"]["pool"], (meta.get("kwargs") or {}).get("pool", "cls")
+        log.info("backbone.pool=%s: reading %s with %s pooling (pretrained with pool=%s); weights unchanged",
+                 pool, path, pool, before)
+        meta = requested
     norm = meta.get("norm") or {}
     mean = torch.tensor(norm.get("mean", datamodule.mean.tolist()), dtype=torch.float32)
     std = torch.tensor(norm.get("std", datamodule.std.tolist()), dtype=torch.float32)
@@ -64,3 +70,14 @@ def load_backbone(cfg: DictConfig, datamodule: Any, require_pretrained: bool) ->
     log.info("backbone %s from %s (pretrained with %s on %s)", meta["name"], path, meta.get("method"),
              meta.get("dataset"))
     return BackboneSource(backbone, size, mean, std, path, meta)
+
+
+def _with_requested_pool(meta: dict[str, Any], pool: str | None) -> dict[str, Any]:
+    """A ViT's pooling has no weights, so the downstream task's `backbone.pool` may differ from pretraining's:
+    e.g. MAE never trains the class token as a readout, and a probe may do better on mean-pooled patch tokens."""
+    kwargs = meta.get("kwargs") or {}
+    # backbone.pt files written before `pool` existed were read by the class token.
+    before = kwargs.get("pool", "cls" if str(meta["name"]).startswith("vit") else None)
+    if pool is None or pool == before:
+        return meta
+    return {**meta, "kwargs": {**kwargs, "pool": pool}}  # a bad value, or a non-ViT, is refused by build_backbone
