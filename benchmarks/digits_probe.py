@@ -1,10 +1,11 @@
 """Learning check on real images: does SSL pretraining beat a random backbone on scikit-learn's digits?
 
-Pretrains a backbone (SimCLR or Barlow Twins) on the digits' training split without labels, then reads out the
-pretrained and a random-initialised backbone with the same probes (logistic regression and kNN on frozen features)
-and prints them side by side. Real data that ships with scikit-learn: 1797 greyscale 8x8 digits, upsampled to 32 px.
+Pretrains a backbone with each SSL method asked for on the digits' training split without labels, then reads out
+every pretrained backbone and a random-initialised one with the same probes (logistic regression, kNN and k-means on
+frozen features) and prints them side by side. Real data that ships with scikit-learn: 1797 greyscale 8x8 digits,
+upsampled to 32 px.
 
-    python benchmarks/digits_probe.py [--method barlow] [--epochs 30] [--out digits_probe.json]
+    python benchmarks/digits_probe.py [--methods simclr,barlow,mae] [--epochs 30] [--out digits_probe.json]
 """
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ from ssl_lab.tasks import TASKS  # noqa: E402
 
 # Digits are not flip- or rotation-invariant (6 vs 9): crops, intensity, blur and noise only.
 AUGMENT = ["~augment.ops.hflip", "~augment.ops.vflip", "~augment.ops.rot90", "augment.ops.resized_crop.scale=[0.6,1.0]"]
+METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+
+
+def method_overrides(method: str, backbone: str) -> list[str]:
+    """The backbone for a method and what the method needs beyond the shared settings."""
+    if method == "mae":  # a ViT, with 4 px patches on the 32 px digits
+        return ["backbone=vit_tiny", "backbone.patch_size=4"]
+    extra = [f"backbone={backbone}", "backbone.small_stem=false"]
+    if method == "blur":  # blur-level prediction refuses a preset with its own blur
+        extra.append("~augment.ops.blur")
+    return extra
 
 
 def write_digits(path: Path, size: int = 32) -> None:
@@ -47,41 +59,60 @@ def config(overrides: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="simclr", choices=["simclr", "barlow"])
-    parser.add_argument("--backbone", default="resnet15")
+    parser.add_argument("--methods", default="simclr", help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--backbone", default="resnet15", help="for every method but MAE (always vit_tiny)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="digits_probe.json")
     args = parser.parse_args()
 
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+
+    rows, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_digits(tmp / "digits.h5")
-        common = ["accelerator=auto", f"backbone={args.backbone}", "backbone.small_stem=false", "dataset=lens_h5",
+        common = ["accelerator=auto", "dataset=lens_h5",
                   f"dataset.path={tmp / 'digits.h5'}", "dataset.label_key=labels", "dataset.num_workers=0",
                   "dataset.in_memory=true", f"dataset.batch_size={args.batch_size}", f"seed={args.seed}",
                   "trainer.enable_progress_bar=false", *AUGMENT]
-        started = time.time()
-        pre = TASKS["pretrain"](config([*common, f"method={args.method}", f"trainer.max_epochs={args.epochs}",
-                                        f"run_dir={tmp / 'pretrain'}"]))
-        pretrain_s = time.time() - started
-        results = {}
-        for name, source in (("pretrained", str(tmp / "pretrain")), ("random init", "random")):
-            m = TASKS["evaluate"](config([*common, "task=evaluate", "task.embed=[pca]", f"pretrained={source}",
-                                          f"run_dir={tmp / name.replace(' ', '_')}"]))
-            results[name] = {"logistic_probe_acc": m["probe"]["accuracy"], "knn_acc": m["knn_accuracy"],
-                             "kmeans_ari": m["kmeans"]["ari"]}
 
-    print(f"\ndigits ({args.backbone}, {args.method}, {args.epochs} epochs, pretraining {pretrain_s:.0f} s, "
-          f"final loss {pre['final_loss']:.3f})")
-    print(f"{'backbone':<14}{'logistic probe':>16}{'kNN':>8}{'k-means ARI':>14}")
-    for name, r in results.items():
-        print(f"{name:<14}{r['logistic_probe_acc']:>16.3f}{r['knn_acc']:>8.3f}{r['kmeans_ari']:>14.3f}")
-    gain = results["pretrained"]["logistic_probe_acc"] / results["random init"]["logistic_probe_acc"]
-    print(f"pretrained / random (logistic probe accuracy): {gain:.2f}x")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "pretrain_seconds": pretrain_s, "results": results,
-                                         "ratio": gain}, indent=2))
+        def probe(name: str, source: str, extra: list[str]) -> dict:
+            m = TASKS["evaluate"](config([*common, *extra, "task=evaluate", "task.embed=[pca]", f"pretrained={source}",
+                                          f"run_dir={tmp / ('eval_' + name)}"]))
+            return {"logistic_probe_acc": m["probe"]["accuracy"], "knn_acc": m["knn_accuracy"],
+                    "kmeans_ari": m["kmeans"]["ari"]}
+
+        random_init = {}
+        for method in methods:
+            backbone = "vit_tiny" if method == "mae" else args.backbone
+            extra = method_overrides(method, backbone)
+            if backbone not in random_init:
+                random_init[backbone] = probe(f"random_{backbone}", "random", extra)
+            started = time.time()
+            pre = TASKS["pretrain"](config([*common, *extra, f"method={method}", f"trainer.max_epochs={args.epochs}",
+                                            f"run_dir={tmp / ('pretrain_' + method)}"]))
+            result = probe(method, str(tmp / ("pretrain_" + method)), extra)
+            result.update(method=method, backbone=backbone, pretrain_seconds=round(time.time() - started, 1),
+                          final_loss=pre["final_loss"],
+                          ratio=result["logistic_probe_acc"] / random_init[backbone]["logistic_probe_acc"])
+            rows.append(result)
+            print(f"{method}: probe {result['logistic_probe_acc']:.3f} ({result['ratio']:.2f}x random)", flush=True)
+
+    print(f"\ndigits, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}")
+    print(f"{'backbone':<24}{'logistic probe':>16}{'kNN':>8}{'k-means ARI':>14}{'vs random':>11}{'pretrain s':>12}")
+    for backbone, r in random_init.items():
+        print(f"{'random ' + backbone:<24}{r['logistic_probe_acc']:>16.3f}{r['knn_acc']:>8.3f}{r['kmeans_ari']:>14.3f}"
+              f"{1.0:>10.2f}x{'':>12}")
+    for r in rows:
+        print(f"{r['method'] + ' ' + r['backbone']:<24}{r['logistic_probe_acc']:>16.3f}{r['knn_acc']:>8.3f}"
+              f"{r['kmeans_ari']:>14.3f}{r['ratio']:>10.2f}x{r['pretrain_seconds']:>12.0f}")
+    Path(args.out).write_text(json.dumps({"args": vars(args), "random_init": random_init, "methods": rows},
+                                         indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """BYOL, SimSiam, VICReg and MoCo v3: CLI pretraining on 1 and 8 channels, the EMA rule, and a collapse check."""
 from __future__ import annotations
 
+import json
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -38,6 +39,16 @@ def test_new_methods_pretrain_through_the_cli(tmp_path, cache_dir, dataset, chan
             assert all(f"train/{t}_step" in header for t in ("invariance", "variance", "covariance"))
         if method in ("byol", "mocov3"):
             assert "train/tau" in header
+    if dataset != "lens_sim":
+        return
+    # Each exported backbone is read by a downstream task: one multirun of linear probes over the four runs.
+    runs = ",".join(str(next(sweep.glob(f"{i}_pretrain_{m}_*"))) for i, m in enumerate(NEW))
+    probes = tmp_path / "probes"
+    out = run_cli(["-m", "task=linear", "task.max_epochs=1", "+trainer.limit_val_batches=1", f"pretrained={runs}",
+                   *TINY, *tiny_data(dataset, cache_dir), f"hydra.sweep.dir={probes}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = [json.loads(p.read_text()) for p in sorted(probes.glob("*/metrics.json"))]
+    assert sorted(m["method"] for m in done) == sorted(NEW)
 
 
 class TinyEncoder(torch.nn.Sequential):
