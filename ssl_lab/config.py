@@ -48,6 +48,9 @@ def validate(cfg: DictConfig, datamodule: Any, augment: Augment, ssl: bool = Tru
     if acc.sync_batchnorm and acc.accelerator == "cpu":
         raise ConfigError("accelerator.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel); "
                           "set accelerator.sync_batchnorm=false for DDP on the CPU.")
+    if not ssl and cfg.optim.get("lr_scaling", "none") not in (None, "none"):
+        raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling} applies to pretraining; downstream tasks take "
+                          "their rates as given (task.backbone_lr, task.head_lr): set optim.lr_scaling=none.")
     if float(cfg.optim.lr) <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive.")
     resume = cfg.get("resume")

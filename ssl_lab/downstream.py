@@ -15,7 +15,7 @@ from torch import nn
 from ssl_lab.augment import Augment, step_generator
 from ssl_lab.errors import ConfigError
 from ssl_lab.heads import conv_map_mlp, mlp
-from ssl_lab.optim import build_optimizer, build_scheduler, param_groups
+from ssl_lab.optim import SCALING_KEYS, build_optimizer, build_scheduler, param_groups
 
 HEADS = ("linear", "mlp", "conv_mlp")
 OBJECTIVES = ("classification", "joint", "regression")
@@ -129,7 +129,7 @@ class Downstream(pl.LightningModule):
         groups = param_groups(self.head, weight_decay=wd, lr=self.head_lr)
         if not self.freeze_backbone:
             groups += param_groups(self.backbone, weight_decay=wd, lr=self.backbone_lr)
-        for key in ("lr", "schedule", "warmup_epochs", "min_lr_ratio"):
+        for key in ("lr", "schedule", "warmup_epochs", "min_lr_ratio", *SCALING_KEYS):
             cfg.pop(key, None)
         name = cfg.pop("name")
         optimizer = build_optimizer(groups, name=name, lr=self.head_lr, weight_decay=wd, **cfg)

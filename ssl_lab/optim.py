@@ -97,19 +97,42 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+FUSED_OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+
+
+def step_kwargs(name: str, on_cuda: bool, fused: bool | None = None) -> dict[str, bool]:
+    """How torch's optimizer steps: ``fused`` (one kernel for all parameters) by default on CUDA for adam, adamw and
+    sgd; ``foreach`` (batched over tensors) for the others on CUDA; torch's own default (a for-loop) on the CPU, so
+    CPU runs are unchanged. ``fused=True`` forces the fused kernel (torch has CPU ones too), ``False`` refuses it."""
+    if fused and name not in FUSED_OPTIMIZERS:
+        raise ConfigError(f"optim.fused=true: optimizer '{name}' has no fused kernel; fused steps exist for "
+                          f"{', '.join(FUSED_OPTIMIZERS)}. Remove optim.fused.")
+    if fused is None:
+        fused = on_cuda and name in FUSED_OPTIMIZERS
+    if fused:
+        return {"fused": True}
+    return {"foreach": True} if on_cuda and name in FUSED_OPTIMIZERS else {}
+
+
 def build_optimizer(params_or_groups: Iterable[Any], name: str, lr: float, weight_decay: float = 0.0,
                     momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999), eta: float = 0.02,
-                    nesterov: bool = False) -> torch.optim.Optimizer:
-    """Optimizer by name. ``weight_decay`` is the default for groups that do not set their own (see param_groups)."""
+                    nesterov: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
+    """Optimizer by name. ``weight_decay`` is the default for groups that do not set their own (see param_groups).
+
+    ``fused``: see ``step_kwargs`` (None: fused where every parameter is on a CUDA device, as under Lightning,
+    which builds optimizers after moving the model)."""
     params = list(params_or_groups)
     if not params:
         raise ConfigError(f"Optimizer '{name}' got no trainable parameters; check what the task freezes.")
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    impl = step_kwargs(name, bool(tensors) and all(t.is_cuda for t in tensors), fused)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **impl)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **impl)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                               **impl)
     if name == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov)
     raise ConfigError(f"Unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)} (optim.name).")
@@ -151,3 +174,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be within [0, 1], got {min_lr_ratio}.")
     return LambdaLR(optimizer, _Multiplier(schedule, total_steps, warmup_steps, min_lr_ratio))
+
+
+LR_SCALINGS: tuple[str, ...] = ("none", "linear", "sqrt")
+SCALING_KEYS = ("lr_scaling", "base_batch_size")
+
+
+def scale_lr(optim: dict[str, Any], global_batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Apply ``optim.lr_scaling`` for the global batch; returns (optimizer config with the lr the run uses, a record).
+
+    ``linear``: lr * B / base_batch_size (Goyal et al. 2017, SimCLR with LARS); ``sqrt``: lr * sqrt(B / base)
+    (SimCLR's rule for small batches, and for Adam-type optimizers). ``none`` (the default): ``optim.lr`` is used as
+    given. The record (global batch, rule, base and resulting lr) goes into the saved config and summary, so the
+    rescaling is never hidden.
+    """
+    cfg = dict(optim)
+    rule = cfg.pop("lr_scaling", "none") or "none"
+    base = cfg.pop("base_batch_size", 256)
+    if rule not in LR_SCALINGS:
+        raise ConfigError(f"optim.lr_scaling={rule!r} is unknown; choose one of: {', '.join(LR_SCALINGS)}.")
+    if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+        raise ConfigError(f"optim.base_batch_size={base!r} must be a positive integer (the batch optim.lr is for).")
+    ratio = global_batch_size / base
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+    lr = float(cfg["lr"]) * factor
+    cfg["lr"] = lr
+    record = {"global_batch_size": int(global_batch_size), "lr_scaling": rule, "base_batch_size": base,
+              "base_lr": float(optim["lr"]), "lr": lr}
+    return cfg, record

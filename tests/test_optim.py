@@ -8,7 +8,7 @@ from torch import nn
 
 from ssl_lab.backbones import build_backbone
 from ssl_lab.errors import ConfigError
-from ssl_lab.optim import LARS, build_optimizer, build_scheduler, param_groups, warmup_cosine
+from ssl_lab.optim import LARS, build_optimizer, build_scheduler, param_groups, scale_lr, warmup_cosine
 
 
 def test_warmup_cosine_known_steps():
@@ -158,3 +158,22 @@ def test_optimizer_errors():
         build_optimizer([], "sgd", lr=0.1)
     with pytest.raises(ConfigError, match="eta"):
         LARS([nn.Parameter(torch.zeros(1))], lr=0.1, eta=0.0)
+
+
+@pytest.mark.parametrize("rule,batch,factor", [("none", 1024, 1.0), ("linear", 1024, 4.0), ("linear", 64, 0.25),
+                                               ("sqrt", 1024, 2.0), ("sqrt", 64, 0.5)])
+def test_scale_lr_rules(rule, batch, factor):
+    optim = {"name": "lars", "lr": 0.3, "momentum": 0.9, "lr_scaling": rule, "base_batch_size": 256}
+    cfg, record = scale_lr(optim, batch)
+    assert cfg["lr"] == pytest.approx(0.3 * factor)
+    assert "lr_scaling" not in cfg and "base_batch_size" not in cfg and cfg["momentum"] == 0.9  # ready for the optimizer
+    assert record == {"global_batch_size": batch, "lr_scaling": rule, "base_batch_size": 256, "base_lr": 0.3,
+                      "lr": pytest.approx(0.3 * factor)}
+    assert optim["lr"] == 0.3  # the caller's config is left as it was
+
+
+def test_scale_lr_errors():
+    with pytest.raises(ConfigError, match="optim.lr_scaling='cubic'"):
+        scale_lr({"lr": 0.1, "lr_scaling": "cubic"}, 256)
+    with pytest.raises(ConfigError, match="optim.base_batch_size=0"):
+        scale_lr({"lr": 0.1, "lr_scaling": "linear", "base_batch_size": 0}, 256)

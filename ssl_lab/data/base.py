@@ -269,11 +269,30 @@ class BaseDataModule(L.LightningDataModule):
         self._require_setup()
         return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _drop_last(self, n: int, train: bool) -> bool:
         """Pretraining drops the ragged last batch (contrastive losses want full batches); labelled mode keeps it
         (few labels are precious) unless it would hold one sample, which BatchNorm cannot train on."""
-        drop_last = train and (not self.labelled or (self.batch_size > 1 and len(dataset) % self.batch_size == 1))
+        return train and (not self.labelled or (self.batch_size > 1 and n % self.batch_size == 1))
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(global rank, world size) from the attached trainer, else from torch.distributed, else (0, 1)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _start_epoch(self) -> int:
+        """The epoch the first iterator belongs to. Lightning creates it before it calls set_epoch, and worker
+        processes draw their first indices at once, so a resumed run must start from the restored epoch here."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        drop_last = self._drop_last(len(dataset), train)
         sampler = EpochSeededSampler(len(dataset), self.seed, shuffle=train)
+        sampler.set_epoch(self._start_epoch())
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,

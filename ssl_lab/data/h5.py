@@ -17,29 +17,41 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ssl_lab.data.base import (
     NAN_POLICIES, BaseDataModule, ChannelStats, check_fraction, label_subset, labelled_splits, split_indices,
 )
+from ssl_lab.data.block_sampler import BlockStream, block_length, stream_loader, window_bytes
 from ssl_lab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 FULL_SCAN_BLOCK_BYTES = 64 << 20  # drop / in-memory scans read everything: large blocks for throughput
 SAMPLE_SCAN_BLOCK_BYTES = 4 << 20  # bounded scans pick random blocks: small ones spread the sample over the file
+READ_MODES = ("auto", "sample", "block")
+WINDOW_WARN_BYTES = 4 << 30
+# attributes `python -m ssl_lab.prepare` writes on the image dataset
+LAYOUT_ATTR, SCALE_ATTR, OFFSET_ATTR = "ssl_lab_layout", "ssl_lab_scale", "ssl_lab_offset"
 
 
 class H5Dataset(Dataset):
-    """Reads sample ``indices[i]`` as a dict; opens the file on first use in each process."""
+    """Reads sample ``indices[i]`` as a dict; opens the file on first use in each process.
+
+    ``scale``/``offset`` (per channel) undo a ``python -m ssl_lab.prepare --dtype uint8`` quantisation on read, so
+    everything downstream sees float32 in the original units. ``read_rows``/``make_batch`` serve the block stream.
+    """
 
     def __init__(
         self, path: str, key: str, indices: np.ndarray, layout: str, labels: np.ndarray | None,
         targets: np.ndarray | None, nan_policy: str, array: np.ndarray | None = None, cache_bytes: int = 1 << 20,
+        scale: np.ndarray | None = None, offset: np.ndarray | None = None,
     ) -> None:
         self.path, self.key, self.indices, self.layout = path, key, indices, layout
         self.labels, self.targets, self.nan_policy, self.array = labels, targets, nan_policy, array
         self.cache_bytes = cache_bytes
+        self.scale = None if scale is None else np.asarray(scale, np.float32)
+        self.offset = None if offset is None else np.asarray(offset, np.float32)
         self._file: h5py.File | None = None
         self._ds: h5py.Dataset | None = None
         self._pid: int | None = None
@@ -58,22 +70,36 @@ class H5Dataset(Dataset):
             self._ds, self._pid = self._file[self.key], os.getpid()
         return self._ds
 
+    def _clean(self, a: np.ndarray, rows: np.ndarray, batched: bool) -> np.ndarray:
+        """Decode quantised data and apply nan_policy to ``a`` (file rows ``rows`` if batched, else one sample)."""
+        # never modifies in-memory data in place (the caller may hold a view of it)
+        if self.scale is not None:  # quantised uint8: x = code * scale + offset, per channel
+            c_axis = {"NCHW": 0, "NHWC": 2, "NHW": 0}[self.layout] + int(batched)
+            shape = [1] * a.ndim
+            shape[c_axis] = -1
+            return a.astype(np.float32) * self.scale.reshape(shape) + self.offset.reshape(shape)
+        if a.dtype == np.uint8:
+            return a
+        if a.dtype != np.float32 or self.array is not None:
+            a = a.astype(np.float32)  # a copy: in-place fixes below never touch in-memory data
+        # a float64 sum of finite float32 values cannot overflow, so it is finite iff every pixel is
+        if self.nan_policy != "drop" and not np.isfinite(a.sum(dtype=np.float64)):
+            bad = ~np.isfinite(a)
+            if self.nan_policy == "error":
+                per_row = bad.reshape(len(rows), -1).sum(axis=1) if batched else np.array([bad.sum()])
+                k = int(np.flatnonzero(per_row)[0])
+                j = int(rows[k]) if batched else int(rows)
+                raise DataError(
+                    f"{self.path}: key '{self.key}' sample {j} has {int(per_row[k])} non-finite pixels; "
+                    "set dataset.nan_policy=zero or dataset.nan_policy=drop."
+                )
+            a[bad] = 0.0
+        return a
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """x may be a transposed view (NHWC files): the collate's stack makes it contiguous in the same copy."""
         j = int(self.indices[i])
-        a = self._images()[j]
-        if a.dtype != np.uint8:
-            if a.dtype != np.float32 or self.array is not None:
-                a = a.astype(np.float32)  # a copy: in-place fixes below never touch in-memory data
-            # a float64 sum of finite float32 values cannot overflow, so it is finite iff every pixel is
-            if self.nan_policy != "drop" and not np.isfinite(a.sum(dtype=np.float64)):
-                bad = ~np.isfinite(a)
-                if self.nan_policy == "error":
-                    raise DataError(
-                        f"{self.path}: key '{self.key}' sample {j} has {int(bad.sum())} non-finite pixels; "
-                        "set dataset.nan_policy=zero or dataset.nan_policy=drop."
-                    )
-                a[bad] = 0.0
+        a = self._clean(self._images()[j], j, batched=False)
         x = torch.from_numpy(a)
         x = x[None] if self.layout == "NHW" else x.permute(2, 0, 1) if self.layout == "NHWC" else x
         out = {"x": x}
@@ -81,6 +107,25 @@ class H5Dataset(Dataset):
             out["y"] = torch.tensor(self.labels[j], dtype=torch.int64)
         if self.targets is not None:
             out["targets"] = torch.from_numpy(self.targets[j])
+        return out
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """File rows ``rows`` (sorted, inside one block) with ONE contiguous slice read, decoded and cleaned."""
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        a = self._images()[lo:hi]
+        if len(rows) != hi - lo:
+            a = a[rows - lo]
+        return self._clean(a, rows, batched=True)
+
+    def make_batch(self, x: np.ndarray, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The dict the default collate would build from samples ``rows`` (x: their cleaned file-layout rows)."""
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = t[:, None] if self.layout == "NHW" else t.permute(0, 3, 1, 2).contiguous() if self.layout == "NHWC" else t
+        out = {"x": t}
+        if self.labels is not None:
+            out["y"] = torch.from_numpy(np.asarray(self.labels[rows], np.int64))
+        if self.targets is not None:
+            out["targets"] = torch.from_numpy(np.ascontiguousarray(self.targets[rows]))
         return out
 
 
@@ -91,6 +136,14 @@ class H5DataModule(BaseDataModule):
     pretraining and a smaller labelled one for downstream). When it is set, label_key/target_keys/split_key refer
     to that file: pretraining reads only images from ``path`` and labelled mode reads everything from
     ``labelled_path``. When it is null, both modes read ``path``.
+
+    ``read`` picks how the training loader reads the file: ``block`` streams chunk-aligned blocks of
+    ``block_samples`` consecutive rows (one slice read each; blocks shuffled, then samples within a window of
+    ``window_blocks`` blocks; see ssl_lab.data.block_sampler), ``sample`` reads one sample per index of a global
+    permutation. ``auto`` (the default) is ``block`` for pretraining from disk, where the file is large and read
+    speed decides the step rate, and ``sample`` in labelled mode and with ``in_memory``: labelled sets are small,
+    often stored sorted by class (a window of a few blocks would then hold one class per batch), and memory has no
+    seek cost to amortise. Validation and test loaders always read per sample in file order.
     """
 
     def __init__(
@@ -99,7 +152,7 @@ class H5DataModule(BaseDataModule):
         val_fraction: float = 0.2, nan_policy: str = "zero", in_memory: bool = False,
         labelled_path: str | None = None, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
         stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
-        label_fraction: float = 1.0,
+        label_fraction: float = 1.0, read: str = "auto", block_samples: int | None = None, window_blocks: int = 4,
     ) -> None:
         super().__init__(
             name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction
@@ -113,8 +166,28 @@ class H5DataModule(BaseDataModule):
         self.layout = str(layout).upper()
         self.split_key, self.val_fraction = split_key, check_fraction(val_fraction)
         self.nan_policy, self.in_memory, self.labelled_path = nan_policy, in_memory, labelled_path
+        if read not in READ_MODES:
+            raise ConfigError(f"dataset.read={read!r} is not one of {', '.join(READ_MODES)}.")
+        if block_samples is not None and (not isinstance(block_samples, int) or block_samples < 1):
+            raise ConfigError(
+                f"dataset.block_samples={block_samples!r} must be a positive integer (rounded up to whole chunks) "
+                "or null for one chunk row / 16 MB."
+            )
+        if not isinstance(window_blocks, int) or window_blocks < 1:
+            raise ConfigError(f"dataset.window_blocks={window_blocks!r} must be a positive integer (e.g. 4).")
+        self.read, self.block_samples, self.window_blocks = read, block_samples, window_blocks
+        self.block = 1
+        self._scale: np.ndarray | None = None
+        self._offset: np.ndarray | None = None
         self.facts: dict[str, Any] = {}
         self.test_indices = np.zeros(0, np.int64)
+
+    @property
+    def read_mode(self) -> str:
+        """The training read mode after resolving ``auto`` (see the class docstring for why)."""
+        if self.read != "auto":
+            return self.read
+        return "sample" if self.labelled or self.in_memory else "block"
 
     @property
     def source(self) -> str:
@@ -297,6 +370,9 @@ class H5DataModule(BaseDataModule):
             blk = ds[s : s + rows]
             if layout == "NHW":
                 blk = blk[:, None]
+            if self._scale is not None:  # quantised by ssl_lab.prepare: stats in the original units
+                shape = (1, -1, 1, 1) if c_axis == 1 else (1, 1, 1, -1)
+                blk = blk.astype(np.float32) * self._scale.reshape(shape) + self._offset.reshape(shape)
             sel = in_stats[s : s + len(blk)]
             scanned += len(blk)
             if blk.dtype.kind == "f":
@@ -335,6 +411,7 @@ class H5DataModule(BaseDataModule):
         target_keys = self.target_keys if reads_labels else []
         with f:
             ds = self._get(f, self.image_key, "dataset.image_key")
+            self._read_prepared_attrs(ds)
             layout, self.image_shape = self._check_images(ds)
             n = int(ds.shape[0])
             labels = names = targets = None
@@ -367,6 +444,9 @@ class H5DataModule(BaseDataModule):
             usable = np.setdiff1d(full_train, bad_targets)
             stats, bad, bad_pixels, scanned = self._scan(array if array is not None else ds, n, usable, layout)
             dtype = ds.dtype
+            chunks = ds.chunks
+            row_bytes = math.prod(ds.shape[1:]) * ds.dtype.itemsize
+        self.block = block_length(chunks[0] if chunks else None, row_bytes, self.block_samples)
         if len(bad) and self.nan_policy == "error":
             raise DataError(
                 f"{path}: key '{self.image_key}' has non-finite (NaN/Inf) pixels in {len(bad)} of {scanned} samples "
@@ -385,7 +465,7 @@ class H5DataModule(BaseDataModule):
                 "%s: replaced %d non-finite pixels in %d of %d scanned samples by 0 (unscanned samples are "
                 "zeroed at read time too)", path, bad_pixels, len(bad), scanned,
             )
-        scale = 1 / 255 if dtype == np.uint8 else 1.0
+        scale = 1 / 255 if dtype == np.uint8 and self._scale is None else 1.0
         self.mean, self.std = stats.result(scale)
         self.num_classes = len(names) if names is not None else None
         self.class_names = names
@@ -394,7 +474,8 @@ class H5DataModule(BaseDataModule):
         self._set_target_stats(None if targets is None else targets[train_idx])
         cache_bytes = int(min(512 << 20, max(1 << 20, 2 * (cache or 0))))
         make = lambda idx: H5Dataset(  # noqa: E731
-            str(path), self.image_key, idx, layout, labels, targets, self.nan_policy, array, cache_bytes
+            str(path), self.image_key, idx, layout, labels, targets, self.nan_policy, array, cache_bytes,
+            self._scale, self._offset,
         )
         self.train_set, self.val_set = make(train_idx), make(val_idx)
         self.test_set = make(test_idx) if self.labelled else None
@@ -404,7 +485,51 @@ class H5DataModule(BaseDataModule):
             "nan_policy": self.nan_policy, "nan_scanned_samples": scanned, "nan_samples_found": len(bad),
             "nan_pixels_replaced": bad_pixels if self.nan_policy == "zero" else 0, "dropped": len(dropped),
             "stats_samples": stats.samples, "in_memory": self.in_memory, "labelled_path": self.labelled_path,
+            "quantised": self._scale is not None, "chunks": list(chunks) if chunks else None,
+            "read": self.read_mode, "block_samples": self.block, "window_blocks": self.window_blocks,
         }
+        if self.read_mode == "block":
+            # decoded float32 rows; +1 block: the carry and the batch being cut
+            held = window_bytes(self.block, self.in_chans * math.prod(self.image_shape) * 4, self.window_blocks + 1,
+                                self.num_workers)
+            self.facts["window_bytes"] = held
+            if held > WINDOW_WARN_BYTES:
+                log.warning(
+                    "%s: block reading holds about %.1f GB in read windows (%d workers x %d blocks of %d samples); "
+                    "lower dataset.window_blocks or dataset.num_workers, or rewrite the file with smaller chunks "
+                    "(python -m ssl_lab.prepare --chunk-samples 32)", path, held / 2**30, max(1, self.num_workers),
+                    self.window_blocks, self.block,
+                )
+
+    def _read_prepared_attrs(self, ds: h5py.Dataset) -> None:
+        """A file written by ssl_lab.prepare records its layout and, for uint8, the scale/offset to undo."""
+        self._scale = self._offset = None
+        declared = ds.attrs.get(LAYOUT_ATTR)
+        if declared is not None:
+            declared = declared.decode() if isinstance(declared, bytes) else str(declared)
+            if declared != self.layout:
+                log.info("%s: the file records layout %s; using it instead of %s", self.source, declared, self.layout)
+            self.layout = declared
+        if SCALE_ATTR in ds.attrs:
+            self._scale = np.asarray(ds.attrs[SCALE_ATTR], np.float32).reshape(-1)
+            self._offset = np.asarray(ds.attrs[OFFSET_ATTR], np.float32).reshape(-1)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """Block mode replaces the training loader only (see the class docstring)."""
+        if not (train and self.read_mode == "block"):
+            return super()._loader(dataset, train)
+        rank, world = self._rank_world()
+        drop_last = self._drop_last(len(dataset) // world, train=True)
+        stream = BlockStream(
+            dataset, self.block, self.window_blocks, self.batch_size, drop_last, self.seed, rank, world
+        )
+        if len(stream) == 0:
+            raise DataError(
+                f"dataset {self.name!r}: the train split has {len(dataset)} samples, {len(dataset) // world} per "
+                f"rank on {world} ranks, fewer than batch_size={self.batch_size}; lower dataset.batch_size."
+            )
+        stream.set_epoch(self._start_epoch())
+        return stream_loader(stream, self.num_workers, pin_memory=torch.cuda.is_available())
 
     def _summary_extra(self) -> dict[str, Any]:
         return dict(self.facts)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ssl_lab.augment import Augment, step_generator
 from ssl_lab.errors import ConfigError
-from ssl_lab.optim import build_optimizer, build_scheduler, param_groups
+from ssl_lab.optim import SCALING_KEYS, build_optimizer, build_scheduler, param_groups
 
 
 class SSLMethod(pl.LightningModule, ABC):
@@ -68,6 +68,12 @@ class SSLMethod(pl.LightningModule, ABC):
 
     def configure_optimizers(self):
         cfg = dict(self.optim_cfg)
+        # The pretrain task applies optim.lr_scaling with scale_lr (it knows the world size) and drops its keys.
+        if cfg.get("lr_scaling", "none") not in (None, "none"):
+            raise ConfigError("optim.lr_scaling needs the global batch size: pass the optimizer config through "
+                              "ssl_lab.optim.scale_lr (the pretrain task does) before fitting.")
+        for key in SCALING_KEYS:
+            cfg.pop(key, None)
         schedule = cfg.pop("schedule", "cosine")
         warmup_epochs = float(cfg.pop("warmup_epochs", 0.0))
         min_lr_ratio = float(cfg.pop("min_lr_ratio", 0.0))

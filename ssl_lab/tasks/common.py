@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ LAST_CKPT = Path("checkpoints") / "last.ckpt"
 def resolve_run_dir(cfg: DictConfig) -> Path:
     if cfg.get("run_dir"):
         return Path(cfg.run_dir)
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun starts every rank itself: each would stamp its own time into the run name.
+        raise ConfigError("under torchrun every process names its own run directory from the clock; pass one "
+                          "shared run_dir=<folder> (e.g. run_dir=runs/$SLURM_JOB_ID).")
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     raise ConfigError("run_dir is not set and no Hydra app is running; pass run_dir=<folder>.")
@@ -66,18 +71,30 @@ def resolve_precision(precision: str) -> str:
 
 
 def trainer_kwargs(cfg: DictConfig, precision: str, **overrides: Any) -> dict[str, Any]:
+    from ssl_lab.speed import uses_cuda
+
     acc = cfg.accelerator
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
     kwargs.update(accelerator=acc.accelerator, devices=acc.devices, num_nodes=acc.num_nodes, strategy=acc.strategy,
                   sync_batchnorm=acc.sync_batchnorm, precision=precision)
+    # cuDNN autotuning picks the fastest convolution for the fixed view shapes; left to torch's default on the CPU
+    # and in deterministic runs (autotuned algorithms may differ run to run). accelerator.compile/channels_last act
+    # on the model (ssl_lab.speed), not the Trainer.
+    if uses_cuda(acc.accelerator) and not kwargs.get("deterministic"):
+        kwargs["benchmark"] = True
     kwargs.update(overrides)
     return kwargs
 
 
-def save_config(cfg: DictConfig, run_dir: Path, precision: str) -> dict[str, Any]:
-    """The resolved config, with what `auto` resolved to, as the run actually used it (rank zero writes it)."""
+def save_config(cfg: DictConfig, run_dir: Path, precision: str, scale: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """The resolved config, with what `auto` resolved to, as the run actually used it (rank zero writes it).
+
+    `scale`: the world size, global batch and learning-rate rule of a pretraining run, with the lr it gave."""
     saved = OmegaConf.to_container(cfg, resolve=True)
     saved["accelerator"]["precision"] = precision
+    if scale is not None:
+        saved["scale"] = dict(scale)
     saved["run_dir"] = str(run_dir)
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

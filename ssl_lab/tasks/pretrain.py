@@ -16,20 +16,20 @@ from ssl_lab.callbacks import BackboneExport, SpeedMeter
 from ssl_lab.config import validate, view_size
 from ssl_lab.evaluation.plots import plot_curves
 from ssl_lab.evaluation.report import write_report
+from ssl_lab.optim import scale_lr
+from ssl_lab.speed import apply_speed_options, optimizer_impl
 from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, one_console, resolve_precision,
                                   resolve_run_dir, save_config, targets, trainer_kwargs)
 
 log = logging.getLogger(__name__)
 
 
-def pretrain(cfg: DictConfig) -> dict[str, Any]:
-    """Exports `backbone.pt` and `summary.json` into the run directory and returns the summary."""
-    started = time.time()
-    one_console()
-    run_dir = resolve_run_dir(cfg)
-    ckpt_path = claim_run_dir(run_dir, cfg.get("resume"))
-    pl.seed_everything(cfg.seed, workers=True)
+def build_pretraining(cfg: DictConfig) -> tuple[Any, pl.LightningModule, int, dict[str, Any]]:
+    """Seeded DataModule (set up) and method, checked and with the speed options applied: what a pretraining run
+    trains, shared with benchmarks/throughput.py so the benchmark measures the real thing.
 
+    Returns (datamodule, model, view size, record of the speed options used)."""
+    pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -41,9 +41,18 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     backbone = instantiate(cfg.backbone, image_size=size)
     model = instantiate(cfg.method, backbone=backbone, augment=augment,
                         optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    return datamodule, model, size, apply_speed_options(model, cfg.accelerator)  # channels_last, torch.compile
+
+
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
+    """Exports `backbone.pt` and `summary.json` into the run directory and returns the summary."""
+    started = time.time()
+    one_console()
+    run_dir = resolve_run_dir(cfg)
+    ckpt_path = claim_run_dir(run_dir, cfg.get("resume"))
+    datamodule, model, size, fast = build_pretraining(cfg)
 
     precision = resolve_precision(cfg.accelerator.precision)
-    saved = save_config(cfg, run_dir, precision)
     meta = {"method": cfg.method.name, "dataset": cfg.dataset.name, "norm": datamodule.norm_stats(),
             "config_hash": config_hash(cfg), "ssl_lab_version": __version__, "view_size": size}
     speed = SpeedMeter()
@@ -54,11 +63,19 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         *(instantiate(node) for node in targets(cfg.get("callbacks"))),
     ]
     loggers = build_loggers(cfg, run_dir)
-    for logger in loggers:
-        logger.log_hyperparams(saved)
     # No validation loop: the val split serves the downstream tasks.
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks,
                          **trainer_kwargs(cfg, precision, limit_val_batches=0, num_sanity_val_steps=0))
+    # The global batch is known once the Trainer knows the world size; the lr rule and its result are saved.
+    global_batch = int(cfg.dataset.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+    model.optim_cfg, scale = scale_lr(model.optim_cfg, global_batch)
+    scale["world_size"] = trainer.world_size
+    if scale["lr_scaling"] != "none":
+        log.info("optim.lr_scaling=%s: lr %g -> %g for a global batch of %d (base %d)", scale["lr_scaling"],
+                 scale["base_lr"], scale["lr"], global_batch, scale["base_batch_size"])
+    saved = save_config(cfg, run_dir, precision, scale=scale)
+    for logger in loggers:
+        logger.log_hyperparams(saved)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = trainer.callback_metrics
@@ -69,8 +86,10 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "epochs": int(trainer.current_epoch), "global_step": int(trainer.global_step),
         "images_per_s": speed.images_per_s, "wall_time_s": round(time.time() - started, 2),
         "resumed_from": ckpt_path, "precision": precision, "run_dir": str(run_dir),
-        "backbone_path": str(run_dir / "backbone.pt"), "data": datamodule.summary(),
+        "backbone_path": str(run_dir / "backbone.pt"), "scale": scale, "data": datamodule.summary(),
     }
+    summary["speed"] = {**fast, "optimizer": optimizer_impl(trainer.optimizers[0] if trainer.optimizers else None),
+                        "cudnn_benchmark": bool(trainer_kwargs(cfg, precision).get("benchmark"))}
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", summary)
         logs = sorted(run_dir.glob("logs/version_*/metrics.csv"))
@@ -78,7 +97,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         report = {k: v for k, v in summary.items() if k != "data"}
         write_report(run_dir, f"pretrain: {cfg.method.name}, {cfg.backbone.name} on {cfg.dataset.name}",
                      {"method": cfg.method.name, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name,
-                      "augment": cfg.augment.name, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
+                      "augment": cfg.augment.name, "optimizer": cfg.optim.name, "lr": scale["lr"],
                       "batch_size": cfg.dataset.batch_size, "epochs": cfg.trainer.max_epochs, "precision": precision},
                      report, plots)
         log.info("pretraining done: %s", run_dir)
