@@ -64,8 +64,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     ]
     loggers = build_loggers(cfg, run_dir)
     # No validation loop: the val split serves the downstream tasks.
-    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks,
-                         **trainer_kwargs(cfg, precision, limit_val_batches=0, num_sanity_val_steps=0))
+    kwargs = trainer_kwargs(cfg, precision, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks, **kwargs)
     # The global batch is known once the Trainer knows the world size; the lr rule and its result are saved.
     global_batch = int(cfg.dataset.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
     model.optim_cfg, scale = scale_lr(model.optim_cfg, global_batch)
@@ -89,7 +89,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "backbone_path": str(run_dir / "backbone.pt"), "scale": scale, "data": datamodule.summary(),
     }
     summary["speed"] = {**fast, "optimizer": optimizer_impl(trainer.optimizers[0] if trainer.optimizers else None),
-                        "cudnn_benchmark": bool(trainer_kwargs(cfg, precision).get("benchmark"))}
+                        "cudnn_benchmark": bool(kwargs.get("benchmark"))}
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", summary)
         logs = sorted(run_dir.glob("logs/version_*/metrics.csv"))
