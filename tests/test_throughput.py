@@ -228,10 +228,15 @@ class LossLog(pl.Callback):
 
 
 @pytest.mark.slow
-def test_compile_true_trains_like_eager_on_a_tiny_cpu_run(one_thread):
+def test_compile_true_trains_like_eager_on_a_tiny_cpu_run(one_thread, tmp_path, monkeypatch):
     """The real Inductor backend (C++ on the CPU) inside a Lightning step: the same first loss as eager, and the
     same optimizer updates up to float rounding."""
+    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
+
+    # Inductor's precompiled header is 150 MB per compiler flag set, kept in /tmp for good; this test needs none.
+    monkeypatch.setattr(inductor_config, "cpp_cache_precompile_headers", False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
     runs = []
     graphs = counters["stats"]["unique_graphs"]
