@@ -1,8 +1,15 @@
 """ssl_lab command line: `python run.py [group=choice ...] [key=value ...]`; `--help` lists the groups."""
 from __future__ import annotations
 
+import os
+import sys
+
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# hydra.run.dir follows run_dir when one is given, so the run's log (run.log) lands in the run directory.
+OmegaConf.register_new_resolver("or_else", lambda value, default: default if value in (None, "") else value,
+                                replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -14,5 +21,24 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get(metric) if metric else None
 
 
+def cli() -> None:
+    """Hydra rejects a bad override (unknown key or group choice, bad syntax) before `main` runs, with a multi-line
+    message and status 1. With HYDRA_FULL_ERROR set it raises instead, so the error becomes ssl_lab's one line and
+    status 2, like every other bad input; a user who sets HYDRA_FULL_ERROR=1 still gets the trace."""
+    from hydra.errors import CompactHydraException
+
+    wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as err:
+        if wants_trace:
+            raise
+        text = str(err).split("Config search path:")[0]  # the search path is noise next to the valid choices
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        print(f"ssl_lab: error: {' '.join((text + cause).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

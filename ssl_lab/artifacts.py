@@ -22,16 +22,40 @@ BACKBONE_VERSION = 1
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`, renamed into place only if the block succeeds: a kill at any moment
-    leaves the old file or the new one, never a torn one."""
+    leaves the old file or the new one, never a torn one.
+
+    The data are flushed to disk before the rename (a crash of the machine, not only of the process, must not
+    leave a renamed but empty file). One writer per file: a temporary left by a writer that was killed is removed
+    by the next write of the same file, so repeated kills do not fill the disk with half checkpoints."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the file should get what open() would give it
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync(path: str | Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories on platforms that cannot open them
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
@@ -62,7 +86,8 @@ def load_backbone_file(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "backbone.pt"
     if not path.is_file():
-        raise DataError(f"{path}: no such backbone file; pass a run directory or its backbone.pt.")
+        raise DataError(f"{path}: no such backbone file; pass pretrained=<a pretraining run directory or its "
+                        "backbone.pt>.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:

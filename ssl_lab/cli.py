@@ -10,7 +10,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from ssl_lab.errors import SSLLabError
+from ssl_lab.errors import RunInterrupted, SSLLabError
 from ssl_lab.tasks import run
 
 log = logging.getLogger("ssl_lab")
@@ -32,13 +32,17 @@ def _finish_wandb() -> None:
 def run_or_exit(cfg: DictConfig) -> dict[str, Any]:
     try:
         summary = run(cfg)
+    except RunInterrupted as err:  # not a failure: the run stopped on request and can continue
+        log.warning(str(err))
+        print(f"ssl_lab: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except SSLLabError as err:
         _fail(str(err))
     except MissingMandatoryValue as err:
         _fail(f"{err.full_key} must be set (it is ??? in the config); pass {err.full_key}=<value>.")
     except InstantiationException as err:
         cause = err.__cause__
-        _fail(str(cause) if isinstance(cause, SSLLabError) else str(err).strip())
+        _fail(str(cause) if isinstance(cause, SSLLabError) else " ".join(str(err).split()))
     finally:
         _finish_wandb()
     if rank_zero_only.rank == 0:

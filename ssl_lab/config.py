@@ -8,10 +8,15 @@ from omegaconf import DictConfig
 from ssl_lab.augment import Augment
 from ssl_lab.errors import ConfigError
 
+
 def view_size(cfg: DictConfig, image_shape: tuple[int, int]) -> int:
     """The side of the views the backbone sees: augment.size, or the data's own (smaller) side."""
     size = cfg.augment.get("size")
-    return int(size) if size is not None else int(min(image_shape))
+    if size is None:
+        return int(min(image_shape))
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ConfigError(f"augment.size={size!r} must be an integer number of pixels, or null for the image size.")
+    return size
 
 
 def validate(cfg: DictConfig, datamodule: Any, augment: Augment, ssl: bool = True) -> None:
@@ -31,6 +36,12 @@ def validate(cfg: DictConfig, datamodule: Any, augment: Augment, ssl: bool = Tru
             f"augment={cfg.augment.name} uses {', '.join(rgb_ops)}, which need RGB images, but dataset {data_name} "
             f"has {chans} channel(s); use augment=physics or augment=minimal, or drop the op with "
             + " ".join(f"~augment.ops.{op}" for op in rgb_ops) + "."
+        )
+    if ssl and not augment.active and _compares_two_views(cfg):
+        raise ConfigError(
+            f"augment={cfg.augment.name} applies no op (augment.ops is empty or every p is 0), so method="
+            f"{cfg.method.get('name')} would compare two identical views of each image and learn nothing from them; "
+            "use augment=physics or augment=minimal, or add ops under augment.ops."
         )
     height, width = datamodule.image_shape
     size = view_size(cfg, (height, width))
@@ -56,6 +67,19 @@ def validate(cfg: DictConfig, datamodule: Any, augment: Augment, ssl: bool = Tru
     resume = cfg.get("resume")
     if resume not in (None, "auto") and not str(resume).endswith(".ckpt"):
         raise ConfigError(f"resume={resume}: use resume=auto (continue this run_dir) or a path to a .ckpt file.")
+
+
+def _compares_two_views(cfg: DictConfig) -> bool:
+    """Whether the method trains on the preset's two views as they are (not on its own views: MAE, DINO, pretext)."""
+    from hydra.utils import get_class
+
+    from ssl_lab.methods.base import SSLMethod
+
+    try:
+        cls = get_class(cfg.method._target_)
+    except (ImportError, ValueError):  # instantiate reports a bad _target_ with its own message
+        return False
+    return issubclass(cls, SSLMethod) and cls.make_views is SSLMethod.make_views
 
 
 def _check_ssl_batch(batch: int, data_name: str, datamodule: Any) -> None:

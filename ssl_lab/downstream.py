@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_lab.augment import Augment, step_generator
+from ssl_lab.checkpoint_io import CheckpointHeader
 from ssl_lab.errors import ConfigError
 from ssl_lab.heads import conv_map_mlp, mlp
 from ssl_lab.optim import SCALING_KEYS, build_optimizer, build_scheduler, param_groups
@@ -21,7 +22,7 @@ HEADS = ("linear", "mlp", "conv_mlp")
 OBJECTIVES = ("classification", "joint", "regression")
 
 
-class Downstream(pl.LightningModule):
+class Downstream(CheckpointHeader, pl.LightningModule):
     def __init__(self, backbone: nn.Module, augment: Augment, objective: str, num_classes: int | None,
                  target_names: Sequence[str], optim: Mapping[str, Any], freeze_backbone: bool = False,
                  head: str = "linear", hidden_dims: Sequence[int] = (512,), dropout: float = 0.0,

@@ -11,3 +11,16 @@ class DataError(SSLLabError):
 
 class ConfigError(SSLLabError):
     """An option is unknown, out of range, or disagrees with another option or with the data."""
+
+
+class RunInterrupted(SSLLabError):
+    """A signal (SIGTERM, SIGUSR1, ...) stopped training after a checkpoint was saved; the run can continue."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum  # what a shell reports for a process ended by that signal
+
+
+class TrainingDiverged(SSLLabError):
+    """The loss, gradients or weights became NaN/Inf; the run stopped before anything was written from them."""

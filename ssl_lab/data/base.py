@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,36 +23,76 @@ NAN_POLICIES = ("error", "zero", "drop")
 class EpochSeededSampler(Sampler[int]):
     """Shuffles with a generator seeded by (seed, epoch), so a resumed run replays the same order as an unbroken one.
 
-    Lightning calls ``set_epoch`` before each epoch (and forwards it through its DDP wrapper, which shards this
-    permutation identically on every rank because every rank draws the same one).
+    It also shards for DDP (rank ``rank`` of ``world`` takes every world-th index of the padded permutation, as
+    torch's DistributedSampler does), and can start an epoch part-way through: a run stopped mid-epoch resumes
+    with exactly the samples it had not trained on yet. That needs the shard before the skip, which Lightning's
+    own sampler wrapper would hide, so the Trainer runs with ``use_distributed_sampler=False``.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
         if n < 0:
             raise ValueError(f"EpochSeededSampler needs n >= 0, got {n}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
         self.n = int(n)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.rank, self.world = int(rank), int(world)
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank's shard already used)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def skip(self, epoch: int, samples: int) -> None:
+        """Leave out the first ``samples`` of this rank's order in ``epoch`` (once: a later pass is whole)."""
+        self._skip = (int(epoch), int(samples)) if samples > 0 else None
+
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.world > 1 and order:
+            total = len(self) * self.world  # padded by wrapping around, so every rank gets as many
+            order = (order * (-(-total // len(order))))[:total][self.rank :: self.world]
+        if self._skip is not None and self._skip[0] == self.epoch:
+            order = order[self._skip[1] :]
+            self._skip = None
+        return iter(order)
 
     def __len__(self) -> int:
-        return self.n
+        """Samples per rank in a whole epoch (also when this pass starts part-way)."""
+        return -(-self.n // self.world)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers leave preemption signals to the main process, which saves a checkpoint before it exits
+    (a worker killed by SIGTERM would abort the step with a DataLoader error first); Lightning's seeding as usual."""
+    import signal
+
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    for sig in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), signal.SIG_IGN)
+    pl_worker_init_function(worker_id)
+
+
+def _real(value: Any) -> float:
+    """The value as a float, or NaN for anything that is not a real number (a string from the command line)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return math.nan
+    return float(value)
 
 
 def check_fraction(val_fraction: float) -> float:
     """Reject a val_fraction that would leave no training data (or is not a fraction at all)."""
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise ConfigError(f"dataset.val_fraction={val_fraction} is not in [0, 1); use e.g. dataset.val_fraction=0.2.")
+    if not 0.0 <= _real(val_fraction) < 1.0:
+        raise ConfigError(f"dataset.val_fraction={val_fraction!r} is not in [0, 1); use e.g. "
+                          "dataset.val_fraction=0.2.")
     return float(val_fraction)
 
 
@@ -72,17 +114,30 @@ def split_indices(
 
 def check_labelled_fractions(test_fraction: float, label_fraction: float) -> tuple[float, float]:
     """Both fractions are checked in every mode, so a bad value fails at construction rather than mid-pipeline."""
-    if not 0.0 < float(test_fraction) < 1.0:
+    if not 0.0 < _real(test_fraction) < 1.0:
         raise ConfigError(
             f"dataset.test_fraction={test_fraction} is not in (0, 1): the test split is that fraction of the labelled "
             "samples and the rest must hold training data; use e.g. dataset.test_fraction=0.2."
         )
-    if not 0.0 < float(label_fraction) <= 1.0:
+    if not 0.0 < _real(label_fraction) <= 1.0:
         raise ConfigError(
             f"dataset.label_fraction={label_fraction} is not in (0, 1]: it is the share of the training labels kept "
             "(e.g. 0.1 for a 10% label-efficiency run, 1.0 for all)."
         )
     return float(test_fraction), float(label_fraction)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_classes(labels: np.ndarray, where: str, fix: str, names: list[str] | None = None) -> None:
+    """Labelled (downstream) mode needs two classes at least: with one, accuracy is 1 whatever the backbone."""
+    present = np.unique(labels).tolist()
+    if len(present) < 2:
+        found = [names[c] for c in present] if names else present
+        raise DataError(f"{where}: 1 class found ({', '.join(map(str, found))}); a classification task needs at "
+                        f"least 2 classes. {fix}")
 
 
 def _class_groups(idx: np.ndarray, labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -225,12 +280,14 @@ class BaseDataModule(L.LightningDataModule):
         super().__init__()
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ConfigError(f"dataset.in_chans={in_chans!r} must be a positive integer (the data's channel count).")
-        if batch_size < 1:
-            raise ConfigError(f"dataset.batch_size={batch_size} must be >= 1.")
-        if num_workers < 0:
-            raise ConfigError(f"dataset.num_workers={num_workers} must be >= 0.")
-        if stats_max_samples < 1:
-            raise ConfigError(f"dataset.stats_max_samples={stats_max_samples} must be >= 1.")
+        # a value typed on the command line may arrive as a string or a float: refused here, not deep in a loader
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ConfigError(f"dataset.batch_size={batch_size!r} must be a positive integer (e.g. 64).")
+        if not _is_int(num_workers) or num_workers < 0:
+            raise ConfigError(f"dataset.num_workers={num_workers!r} must be an integer >= 0 (0: read in the main "
+                              "process).")
+        if not _is_int(stats_max_samples) or stats_max_samples < 1:
+            raise ConfigError(f"dataset.stats_max_samples={stats_max_samples!r} must be an integer >= 1.")
         self.name = name
         self.in_chans = in_chans
         self.batch_size = batch_size
@@ -283,19 +340,41 @@ class BaseDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Where a resumed run continues: epoch ``epoch``, after its first ``batches_done`` batches.
+
+        Set before ``Trainer.fit``: Lightning builds the training loader (to count the steps for the schedule) and
+        starts its workers before it restores the checkpoint's loop state, and then keeps that loader; built from
+        the not-yet-restored state it would replay epoch 0 from its first batch."""
+        self._resume = (int(epoch), int(batches_done))
+
     def _start_epoch(self) -> int:
         """The epoch the first iterator belongs to. Lightning creates it before it calls set_epoch, and worker
         processes draw their first indices at once, so a resumed run must start from the restored epoch here."""
+        resume = getattr(self, "_resume", None)
+        if resume is not None:
+            return resume[0]
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else 0
 
+    def _resume_batches(self) -> int:
+        """Batches of the first epoch already trained when the run resumes one saved mid-epoch, else 0."""
+        resume = getattr(self, "_resume", None)
+        return resume[1] if resume is not None else 0
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        drop_last = self._drop_last(len(dataset), train)
-        sampler = EpochSeededSampler(len(dataset), self.seed, shuffle=train)
-        sampler.set_epoch(self._start_epoch())
+        rank, world = self._rank_world()
+        sampler = EpochSeededSampler(len(dataset), self.seed, shuffle=train, rank=rank, world=world)
+        drop_last = self._drop_last(len(sampler), train)
+        epoch = self._start_epoch()
+        sampler.set_epoch(epoch)
+        done = self._resume_batches() if train else 0
+        if 0 < done * self.batch_size < len(sampler):
+            sampler.skip(epoch, done * self.batch_size)
+            log.info("resuming epoch %d after its first %d batches", epoch, done)
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0, worker_init_fn=worker_init,
         )
 
     def train_dataloader(self) -> DataLoader:

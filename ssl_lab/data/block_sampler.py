@@ -105,6 +105,30 @@ def worker_pieces(pieces: list[np.ndarray], n_batches: int, batch_size: int, wor
     return _cut(pieces, b0 * batch_size, b1 * batch_size)
 
 
+def worker_batches(n_batches: int, workers: int) -> list[int]:
+    """Batches each worker yields per epoch (``worker_pieces`` gives worker w batches [w*n//W, (w+1)*n//W))."""
+    return [(w + 1) * n_batches // workers - w * n_batches // workers for w in range(workers)]
+
+
+def resume_roles(done: int, sizes: list[int]) -> tuple[list[int], int]:
+    """(batches each worker had delivered, the worker whose batch comes next) once an in-order DataLoader has
+    yielded ``done`` batches.
+
+    Such a loader takes one batch from each worker that still has one, in worker order, round after round; a
+    worker that runs out drops out of the rotation. A new loader starts its rotation at worker 0 again, so a
+    resumed epoch gives worker i the part of worker (next + i) mod W, and the rotation goes on where it stopped."""
+    taken = [0] * len(sizes)
+    role = 0
+    while done > 0 and any(t < s for t, s in zip(taken, sizes)):
+        if taken[role] < sizes[role]:
+            taken[role] += 1
+            done -= 1
+        role = (role + 1) % len(sizes)
+    while any(t < s for t, s in zip(taken, sizes)) and taken[role] >= sizes[role]:
+        role = (role + 1) % len(sizes)
+    return taken, role
+
+
 class BlockStream(IterableDataset):
     """Yields whole batches (dicts as the map-style dataset's collate would build them) in block order."""
 
@@ -120,6 +144,12 @@ class BlockStream(IterableDataset):
         self.groups = group_by_block(source.indices, self.block)
         # shared memory: persistent workers hold a copy of this object but read the epoch the main process set
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._skip: tuple[int, int] | None = None  # (epoch, batches of it the loader had already yielded)
+
+    def skip(self, epoch: int, batches: int) -> None:
+        """Start ``epoch`` after the loader's first ``batches`` batches (a run resumed mid-epoch). Set before the
+        loader starts its workers, which copy this object; later epochs are whole."""
+        self._skip = (int(epoch), int(batches)) if batches > 0 else None
 
     @property
     def epoch(self) -> int:
@@ -143,9 +173,26 @@ class BlockStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch  # read now: the iterator's order is fixed when it is created
-        return self._batches(self.plan(epoch, worker, workers), epoch, worker)
+        role, skip = worker, 0
+        if self._skip is not None and self._skip[0] == epoch:
+            taken, first = resume_roles(self._skip[1], worker_batches(len(self), workers))
+            role = (first + worker) % workers
+            skip = taken[role]
+        return self._batches(self.plan(epoch, role, workers), epoch, role, skip)
 
-    def _batches(self, pieces: list[np.ndarray], epoch: int, worker: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _read_any(self, rows: np.ndarray) -> np.ndarray:
+        """Rows in any order from any blocks: one read per block touched, returned in ``rows`` order."""
+        order = np.argsort(rows, kind="stable")
+        parts = [self.source.read_rows(g) for g in group_by_block(rows[order], self.block)]
+        out = np.empty((len(rows), *parts[0].shape[1:]), parts[0].dtype)
+        out[order] = np.concatenate(parts)
+        return out
+
+    def _batches(
+        self, pieces: list[np.ndarray], epoch: int, worker: int, skip: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """This worker's batches; the first ``skip`` are left out, and windows they cover entirely are not read
+        (their shuffles are still drawn, so what follows is exactly what an unbroken epoch yields)."""
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 0x5A3F])
         carry_x: np.ndarray | None = None
         carry_rows = np.zeros(0, np.int64)
@@ -153,6 +200,14 @@ class BlockStream(IterableDataset):
         for w in range(0, len(pieces), self.window):
             win = pieces[w : w + self.window]
             rows = np.concatenate([carry_rows, *win])
+            perm = rng.permutation(len(rows))
+            full = len(perm) // bs * bs
+            if skip and skip >= full // bs:  # every batch of this window was trained before the stop
+                skip -= full // bs
+                carry_x, carry_rows = None, rows[perm[full:]]
+                continue
+            if carry_x is None and len(carry_rows):
+                carry_x = self._read_any(carry_rows)
             x = None
             at = len(carry_rows)
             for p in win:  # into one buffer as read: the window is held once, not twice
@@ -163,13 +218,14 @@ class BlockStream(IterableDataset):
                         x[:at] = carry_x
                 x[at : at + len(part)] = part
                 at += len(part)
-            perm = rng.permutation(len(rows))
-            full = len(perm) // bs * bs
-            for s in range(0, full, bs):
+            for s in range(skip * bs, full, bs):
                 sel = perm[s : s + bs]
                 yield self.source.make_batch(x[sel], rows[sel])
+            skip = 0
             carry_x, carry_rows = x[perm[full:]], rows[perm[full:]]
-        if len(carry_rows) and not self.drop_last:
+        if len(carry_rows) and not self.drop_last and skip == 0:
+            if carry_x is None:
+                carry_x = self._read_any(carry_rows)
             yield self.source.make_batch(carry_x, carry_rows)
 
 

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_lab.data.base import BaseDataModule, ChannelStats, check_fraction, label_subset, labelled_splits, split_indices
+from ssl_lab.data.base import (
+    BaseDataModule, ChannelStats, check_classes, check_fraction, label_subset, labelled_splits, split_indices,
+)
 from ssl_lab.errors import DataError
 
 
@@ -146,7 +148,7 @@ class FolderDataModule(BaseDataModule):
             if tr_labels is None and va_labels is not None:
                 raise DataError(f"{root / 'train'}: is flat but {root / 'val'} has class folders; use one layout.")
             if self.labelled:
-                self._need_classes(root / "train", tr_labels)
+                self._need_classes(root / "train", tr_labels, classes)
                 if (root / "test").is_dir():
                     self.layout = "train/val/test"
                     te_files, te_labels, _ = self._list(root / "test", classes)
@@ -166,7 +168,7 @@ class FolderDataModule(BaseDataModule):
             files, labels, classes = self._list(root)
             self.layout = "classes" if labels is not None else "flat"
             if self.labelled:
-                self._need_classes(root, labels)
+                self._need_classes(root, labels, classes)
                 tr_idx, va_idx, te_idx, full = labelled_splits(
                     labels, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, classes
                 )
@@ -198,12 +200,13 @@ class FolderDataModule(BaseDataModule):
         pool = self.train_set if full_train is None else make(full_train, None)
         self.mean, self.std = self._stats(pool, first.dtype == np.uint8)
 
-    def _need_classes(self, d: Path, labels: np.ndarray | None) -> None:
+    def _need_classes(self, d: Path, labels: np.ndarray | None, classes: list[str]) -> None:
         if labels is None:
             raise DataError(
                 f"{d}: is a flat folder, but labelled (downstream) mode needs one sub-folder per class "
                 "(e.g. root/cat/*.png, root/dog/*.png)."
             )
+        check_classes(labels, str(d), "Add a sub-folder of images for each other class.", names=classes)
 
     def _stats(self, ds: FolderDataset, is_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Reads a seeded sample of train files, which also surfaces unreadable files before training."""

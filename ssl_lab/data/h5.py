@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_lab.data.base import (
-    NAN_POLICIES, BaseDataModule, ChannelStats, check_fraction, label_subset, labelled_splits, split_indices,
+    NAN_POLICIES, BaseDataModule, ChannelStats, check_classes, check_fraction, label_subset, labelled_splits,
+    split_indices, worker_init,
 )
 from ssl_lab.data.block_sampler import BlockStream, block_length, stream_loader, window_bytes
 from ssl_lab.errors import ConfigError, DataError
@@ -375,6 +376,9 @@ class H5DataModule(BaseDataModule):
                 blk = blk.astype(np.float32) * self._scale.reshape(shape) + self._offset.reshape(shape)
             sel = in_stats[s : s + len(blk)]
             scanned += len(blk)
+            if blk.dtype.kind == "f" and blk.dtype != np.float32:  # read as float32: beyond its range is Inf
+                with np.errstate(over="ignore"):
+                    blk = blk.astype(np.float32)
             if blk.dtype.kind == "f":
                 finite = np.isfinite(blk)
                 if not finite.all():
@@ -417,6 +421,9 @@ class H5DataModule(BaseDataModule):
             labels = names = targets = None
             if label_key is not None:
                 labels, names = self._labels(f, n)
+                if self.labelled:
+                    check_classes(labels, f"{path}: key '{label_key}'", "Check dataset.label_key, or add samples of "
+                                  "the other classes to the file.")
             bad_targets = np.zeros(0, np.int64)
             if target_keys:
                 cols = [self._column(f, k, n, "dataset.target_keys") for k in target_keys]
@@ -528,8 +535,13 @@ class H5DataModule(BaseDataModule):
                 f"dataset {self.name!r}: the train split has {len(dataset)} samples, {len(dataset) // world} per "
                 f"rank on {world} ranks, fewer than batch_size={self.batch_size}; lower dataset.batch_size."
             )
-        stream.set_epoch(self._start_epoch())
-        return stream_loader(stream, self.num_workers, pin_memory=torch.cuda.is_available())
+        epoch = self._start_epoch()
+        stream.set_epoch(epoch)
+        done = self._resume_batches()
+        if 0 < done < len(stream):
+            stream.skip(epoch, done)
+            log.info("resuming epoch %d after its first %d batches", epoch, done)
+        return stream_loader(stream, self.num_workers, pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init)
 
     def _summary_extra(self) -> dict[str, Any]:
         return dict(self.facts)

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from ssl_lab.augment import Augment, step_generator
+from ssl_lab.checkpoint_io import CheckpointHeader
 from ssl_lab.errors import ConfigError
 from ssl_lab.optim import SCALING_KEYS, build_optimizer, build_scheduler, param_groups
 
 
-class SSLMethod(pl.LightningModule, ABC):
+class SSLMethod(CheckpointHeader, pl.LightningModule, ABC):
     """Base LightningModule for self-supervised pretraining on unlabelled batches {"x": [B, C, H, W]}."""
 
     def __init__(self, name: str, backbone: nn.Module, augment: Augment, optim: Mapping[str, Any], seed: int = 0):
@@ -57,8 +58,16 @@ class SSLMethod(pl.LightningModule, ABC):
     def loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The method's objective on the views, and its named terms for logging."""
 
+    def chance_loss(self, batch_size: int) -> float | None:
+        """The loss of an uninformative model (all views equally similar, uniform class scores) for ``batch_size``
+        samples per view as the loss sees them (the global batch where it gathers across ranks), or None where no
+        such constant exists. ssl_lab.guards warns when the loss stays there: the method is not learning."""
+        return None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, terms = self.loss(batch["views"])
+        # Kept (detached, on the device) for ssl_lab.guards, which checks them before the optimizer step.
+        self.last_terms = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach() for k, v in terms.items()}}
         n = batch["x"].shape[0]
         # sync_dist: under DDP a per-sample loss (BYOL, MAE, ...) differs by rank; the log shows the global mean.
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)

@@ -2,6 +2,7 @@
 encoder's key of the other view among all keys of the global batch."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -41,3 +42,7 @@ class MoCoV3(MomentumMixin, SSLMethod):
         q1, q2, k1, k2 = gather(q1), gather(q2), gather(k1), gather(k2)
         loss = mocov3_loss(q1, k2, self.temperature) + mocov3_loss(q2, k1, self.temperature)
         return loss, {}
+
+    def chance_loss(self, batch_size: int) -> float | None:
+        # Each direction: 2T x cross-entropy of a uniform guess among the N keys; the loss sums both directions.
+        return 2 * 2.0 * self.temperature * math.log(batch_size)

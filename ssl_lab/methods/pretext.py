@@ -6,6 +6,7 @@ transforms are (`transform`, batched) and refuse the augment ops that would make
 """
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -65,3 +66,6 @@ class PretextClassification(SSLMethod):
             x = x.repeat(self.num_transforms, 1, 1, 1)  # block j = the whole batch, to get transform j
         logits = self.head(self.backbone(self.transform(x, labels)))
         return pretext_classification_loss(logits, labels)
+
+    def chance_loss(self, batch_size: int) -> float | None:
+        return math.log(self.num_transforms)  # uniform scores over the K transforms, whatever the batch

@@ -1,6 +1,7 @@
 """SimCLR (Chen et al. 2020): contrast two views of each image against every other view in the batch."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -27,3 +28,7 @@ class SimCLR(SSLMethod):
         z1, z2 = z.chunk(2)
         # Under DDP every rank scores the global batch, so negatives come from all ranks.
         return nt_xent_loss(gather(z1), gather(z2), self.temperature), {}
+
+    def chance_loss(self, batch_size: int) -> float | None:
+        # Equal similarity to all 2N-1 other views (e.g. identical embeddings): cross-entropy of a uniform guess.
+        return math.log(2 * batch_size - 1)

@@ -12,10 +12,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_lab.artifacts import atomic_write
+from ssl_lab.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from ssl_lab.errors import ConfigError
+from ssl_lab.inspect import startup_check
+from ssl_lab.preemption import read_marker
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +43,44 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     raise ConfigError("run_dir is not set and no Hydra app is running; pass run_dir=<folder>.")
 
 
-def claim_run_dir(run_dir: Path, resume: str | None) -> str | None:
-    """Refuse to write over another run; return the checkpoint to resume from, if any."""
+def claim_run_dir(run_dir: Path, resume: str | None, config_hash: str | None = None) -> str | None:
+    """Refuse to write over another run; return the checkpoint to resume from, if any (checked, not yet loaded).
+
+    A run stopped by a preemption signal left a marker beside its checkpoint: started again with the same config
+    (a requeued job repeats its original arguments), it continues without resume=auto."""
     if resume not in (None, "auto"):
-        ckpt = Path(resume)
-        if not ckpt.is_file():
-            raise ConfigError(f"resume={resume}: no such checkpoint file.")
-        return str(ckpt)
+        read_checkpoint(resume, mmap=True)
+        return str(resume)
+    last = run_dir / LAST_CKPT
     if resume == "auto":
-        last = run_dir / LAST_CKPT
         if last.is_file():
+            read_checkpoint(last, mmap=True)
             return str(last)
         log.info("resume=auto: no %s yet, starting fresh", last)
         return None
+    marker = read_marker(last.parent)
+    if marker is not None and last.is_file() and marker.get("config_hash") in (None, config_hash):
+        read_checkpoint(last, mmap=True)
+        log.warning("%s was stopped by %s at step %s; continuing it from %s", run_dir, marker.get("signal"),
+                    marker.get("global_step"), last)
+        return str(last)
     taken = [m for m in RUN_MARKERS if (run_dir / m).exists()]
     # DDP ranks > 0 re-run this script after rank 0 has claimed the directory.
     if taken and rank_zero_only.rank == 0:
+        hint = (" It was stopped by a signal with a different config; pass resume=auto to continue it with this one"
+                if marker is not None else "")
         raise ConfigError(
             f"{run_dir} already holds a run ({', '.join(taken)}); pass resume=auto to continue it, or a new "
-            "run_name (or run_dir) to start another."
+            f"run_name (or run_dir) to start another.{hint}"
         )
     return None
+
+
+def last_checkpoint(run_dir: Path) -> ModelCheckpoint:
+    """Keeps <run_dir>/checkpoints/last.ckpt, the file resume=auto reads. Always that name: by default Lightning
+    writes last-v1.ckpt beside a last.ckpt it did not write itself (one saved on a preemption signal), and
+    resume=auto would then continue from the older file."""
+    return ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, enable_version_counter=False)
 
 
 def resolve_precision(precision: str) -> str:
@@ -76,7 +97,9 @@ def trainer_kwargs(cfg: DictConfig, precision: str, **overrides: Any) -> dict[st
     acc = cfg.accelerator
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
     kwargs.update(accelerator=acc.accelerator, devices=acc.devices, num_nodes=acc.num_nodes, strategy=acc.strategy,
-                  sync_batchnorm=acc.sync_batchnorm, precision=precision)
+                  sync_batchnorm=acc.sync_batchnorm, precision=precision,
+                  # the data modules shard per rank themselves (ssl_lab.data.base.EpochSeededSampler)
+                  use_distributed_sampler=False, plugins=[AtomicCheckpointIO()])
     # cuDNN autotuning picks the fastest convolution for the fixed view shapes; left to torch's default on the CPU
     # and in deterministic runs (autotuned algorithms may differ run to run). accelerator.compile/channels_last act
     # on the model (ssl_lab.speed), not the Trainer.
@@ -131,4 +154,5 @@ def labelled_datamodule(cfg: DictConfig) -> Any:
     datamodule.prepare_data()
     datamodule.setup("fit")
     log.info("labelled data: %s", datamodule.summary())
+    startup_check(datamodule)
     return datamodule

@@ -12,16 +12,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_lab.checkpoint_io import prepare_resume
 from ssl_lab.config import validate
 from ssl_lab.downstream import Downstream
 from ssl_lab.errors import ConfigError
 from ssl_lab.loggers import publish
+from ssl_lab.preemption import PreemptionCheckpoint, clear_marker
 from ssl_lab.tasks.backbone_source import load_backbone
-from ssl_lab.tasks.common import (build_loggers, claim_run_dir, labelled_datamodule, one_console, resolve_precision,
-                                  resolve_run_dir, save_config, targets, trainer_kwargs)
+from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, labelled_datamodule, last_checkpoint,
+                                  one_console, resolve_precision, resolve_run_dir, save_config, targets,
+                                  trainer_kwargs)
 from ssl_lab.tasks.outputs import collect, test_metrics, write_outputs
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,14 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
     one_console()
     task = cfg.task
     run_dir = resolve_run_dir(cfg)
-    ckpt_path = claim_run_dir(run_dir, cfg.get("resume"))
+    ckpt_path = claim_run_dir(run_dir, cfg.get("resume"), config_hash(cfg))
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = labelled_datamodule(cfg)
     if task.objective in ("joint", "regression") and not datamodule.target_names:
         raise ConfigError(f"task={task.name} with objective={task.objective} needs regression targets, but dataset "
-                          f"{cfg.dataset.name} has none; set dataset.target_keys=[...] or use objective=classification.")
+                          f"{cfg.dataset.name} has none; set dataset.target_keys=[...] or use "
+                          "objective=classification.")
     if cfg.get("pretrained") not in (None, "random") and task.name == "supervised":
         raise ConfigError("task=supervised trains from random initialisation; drop pretrained=... "
                           "(or use task=finetune to start from it).")
@@ -55,9 +58,13 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         target_std=datamodule.target_std, train_augment=task.train_augment, seed=cfg.seed,
     )
 
+    if ckpt_path:  # checked before anything is written
+        prepare_resume(ckpt_path, model, datamodule)
+
     precision = resolve_precision(cfg.accelerator.precision)
     saved = save_config(cfg, run_dir, precision)
-    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+    callbacks = [last_checkpoint(run_dir),
+                 PreemptionCheckpoint(run_dir / "checkpoints", config_hash(cfg)),
                  *(instantiate(node) for node in targets(cfg.get("callbacks")))]
     loggers = build_loggers(cfg, run_dir)
     for logger in loggers:
@@ -65,6 +72,8 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks,
                          **trainer_kwargs(cfg, precision, max_epochs=task.max_epochs))
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:
+        clear_marker(run_dir / "checkpoints")  # finished: a later start of this run is not a continuation
 
     summary: dict[str, Any] = {
         "task": task.name, "objective": task.objective, "method": source.meta.get("method", "scratch"),

@@ -7,19 +7,22 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_lab import __version__
 from ssl_lab.artifacts import write_json
 from ssl_lab.callbacks import BackboneExport, SpeedMeter
+from ssl_lab.checkpoint_io import prepare_resume
 from ssl_lab.config import validate, view_size
 from ssl_lab.evaluation.plots import plot_curves
 from ssl_lab.evaluation.report import write_report
+from ssl_lab.guards import build_guard
+from ssl_lab.inspect import startup_check
 from ssl_lab.optim import scale_lr
+from ssl_lab.preemption import PreemptionCheckpoint, clear_marker
 from ssl_lab.speed import apply_speed_options, optimizer_impl
-from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, one_console, resolve_precision,
-                                  resolve_run_dir, save_config, targets, trainer_kwargs)
+from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, last_checkpoint, one_console,
+                                  resolve_precision, resolve_run_dir, save_config, targets, trainer_kwargs)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ def build_pretraining(cfg: DictConfig) -> tuple[Any, pl.LightningModule, int, di
     datamodule.prepare_data()
     datamodule.setup("fit")
     log.info("data: %s", datamodule.summary())
+    startup_check(datamodule)  # a bounded look at the data; logs NaN/Inf, constant channels, class balance
     size = view_size(cfg, datamodule.image_shape)
     augment = instantiate(cfg.augment, size=size, _convert_="all")
     validate(cfg, datamodule, augment)
@@ -49,16 +53,21 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     one_console()
     run_dir = resolve_run_dir(cfg)
-    ckpt_path = claim_run_dir(run_dir, cfg.get("resume"))
+    ckpt_path = claim_run_dir(run_dir, cfg.get("resume"), config_hash(cfg))
     datamodule, model, size, fast = build_pretraining(cfg)
+    if ckpt_path:  # checked before anything is written
+        prepare_resume(ckpt_path, model, datamodule)
 
     precision = resolve_precision(cfg.accelerator.precision)
     meta = {"method": cfg.method.name, "dataset": cfg.dataset.name, "norm": datamodule.norm_stats(),
             "config_hash": config_hash(cfg), "ssl_lab_version": __version__, "view_size": size}
     speed = SpeedMeter()
+    guard = build_guard(cfg.get("guard"))  # NaN/Inf stop or skip, collapse warnings
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+        last_checkpoint(run_dir),
+        PreemptionCheckpoint(run_dir / "checkpoints", meta["config_hash"]),
         speed,
+        guard,
         BackboneExport(run_dir / "backbone.pt", meta),
         *(instantiate(node) for node in targets(cfg.get("callbacks"))),
     ]
@@ -77,6 +86,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(saved)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:
+        clear_marker(run_dir / "checkpoints")  # finished: a later start of this run is not a continuation
 
     metrics = trainer.callback_metrics
     final_loss = metrics.get("train/loss_epoch", metrics.get("train/loss"))
@@ -88,6 +99,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "resumed_from": ckpt_path, "precision": precision, "run_dir": str(run_dir),
         "backbone_path": str(run_dir / "backbone.pt"), "scale": scale, "data": datamodule.summary(),
     }
+    summary["guard"] = guard.summary()  # skipped NaN/Inf steps and collapse / chance-loss warnings
     summary["speed"] = {**fast, "optimizer": optimizer_impl(trainer.optimizers[0] if trainer.optimizers else None),
                         "cudnn_benchmark": bool(kwargs.get("benchmark"))}
     if trainer.is_global_zero:
