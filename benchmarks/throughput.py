@@ -7,10 +7,10 @@
                  core), finished views shipped to the device -> step. The common way to feed SSL.
 
 All three run the real SSLMethod (its training_step, logging and configure_optimizers) in a Lightning Trainer built
-by ``trainer_kwargs`` with ``accelerator.compile`` / ``channels_last`` applied as in ``task=pretrain``; only the
-source of the views differs. One image = all its views. The timer synchronises CUDA once after the warm-up steps and
-once at the end, never in between, so the host may run ahead as in a real run. Synthetic data (random uint8 RGB,
-random float jets), nothing downloaded.
+by ``trainer_kwargs``, with a real run's guard and preemption callbacks, and ``accelerator.compile`` /
+``channels_last`` applied as in ``task=pretrain``; only the source of the views differs. One image = all its views.
+The timer synchronises CUDA once after the warm-up steps and once at the end, never in between, so the host may run
+ahead as in a real run. Synthetic data (random uint8 RGB, random float jets), nothing downloaded.
 
     python benchmarks/throughput.py                                  # all cases, GPU sizes
     python benchmarks/throughput.py --case resnet15_jets --compile on --out jets.json
@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssl_lab.augment import step_generator
+from ssl_lab.guards import build_guard
+from ssl_lab.preemption import PreemptionCheckpoint
 from ssl_lab.speed import optimizer_impl
 from ssl_lab.tasks.common import resolve_precision, trainer_kwargs
 from ssl_lab.tasks.pretrain import build_pretraining
@@ -347,7 +349,9 @@ def run_path(path: str, case: Case, s: Settings, h5: Path, images: np.ndarray) -
         notes = None
     timer = StepTimer(s.warmup)
     trainer = pl.Trainer(**trainer_kwargs(
-        cfg, s.precision, max_steps=total, max_epochs=-1, logger=False, callbacks=[timer],
+        cfg, s.precision, max_steps=total, max_epochs=-1, logger=False,
+        # a real run's watchers (checkpoint writing aside): the NaN/collapse guard and the preemption handler
+        callbacks=[timer, build_guard(cfg.get("guard")), PreemptionCheckpoint(h5.parent / "checkpoints")],
         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0))
     if s.device == "cuda":
         torch.cuda.empty_cache()

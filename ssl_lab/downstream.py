@@ -95,14 +95,14 @@ class Downstream(CheckpointHeader, pl.LightningModule):
             ce = F.cross_entropy(logits.float(), batch["y"])
             acc = (logits.argmax(1) == batch["y"]).float().mean()
             self.log(f"{stage}/ce", ce, batch_size=n)
-            self.log(f"{stage}/acc", acc, prog_bar=True, batch_size=n)
+            self.log(f"{stage}/acc", acc, batch_size=n)
             loss = loss + ce
         if reg is not None:
             z = (batch["targets"] - self.target_mean) / self.target_std
             mse = F.mse_loss(reg.float(), z)
             self.log(f"{stage}/mse_std", mse, batch_size=n)
             loss = loss + self.regression_weight * mse
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/loss", loss, batch_size=n)
         return loss, logits, reg
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -7,10 +7,16 @@ weights, the optimizer state and every checkpoint still hold the last good step.
 (BatchNorm running statistics, DINO's centre) are restored from a copy taken at the start of the step, so nothing
 of a bad step survives in memory either, whatever saves the model afterwards.
 
-The decision needs one host sync per step (the loss and gradient-norm finite flags, read together): whether the
-optimizer may step has to be known on the host before it steps. ``SpeedMeter`` and the progress bar sync every step
-anyway. Under DDP the decision rests on the all-reduced gradients, the same on every rank, so all ranks stop or skip
-together; strategies that shard gradients (FSDP, DeepSpeed) would need a collective here and are not covered.
+Without a host sync where it can: a fused optimizer (the default on CUDA for adam, adamw and sgd) takes a
+``found_inf`` flag on the device and skips the whole update there when it is set, as it does for the GradScaler.
+The guard sets it from the loss and gradient-norm finite flags and puts the forward-moved buffers back with a
+device-side select, so a bad step changes nothing while the host runs ahead. The flags are read on the steps whose
+metrics are logged (Lightning reads the logged values then anyway), before any checkpoint is written and at the
+end: a run with ``max_bad_steps=0`` stops at the first of those after a bad step, all bad steps skipped. Other
+optimizers (LARS, the CPU's for-loop ones) and 16-mixed (the GradScaler decides) need the flags on the host before
+the step: one sync per step. Under DDP the decision rests on the all-reduced gradients, the same on every rank, so
+all ranks stop or skip together; strategies that shard gradients (FSDP, DeepSpeed) would need a collective here
+and are not covered.
 
 Collapse: every ``check_every_n_steps`` the backbone's features of the first view give ``train/embedding_std``
 (:func:`embedding_spread`). At random initialisation it measured 0.26-0.33 for ResNet-15/18/50, 0.15 for ViT-tiny
@@ -147,7 +153,7 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:MAX_NAMES]) + more
 
 
-def last_checkpoint(trainer: pl.Trainer) -> tuple[Path | None, int | None]:
+def saved_last_checkpoint(trainer: pl.Trainer) -> tuple[Path | None, int | None]:
     """The newest ``last.ckpt`` a ModelCheckpoint of this run keeps, and its global step when readable."""
     for cb in trainer.checkpoint_callbacks:
         if not isinstance(cb, ModelCheckpoint) or not cb.dirpath:
@@ -197,6 +203,10 @@ class TrainingGuard(pl.Callback):
         self._buffers: list[Tensor] = []
         self._saved: list[Tensor] = []
         self._saved_step: int | None = None
+        self._pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor | None]] = []  # device-skipped, unread flags
+        self._state_ready = False
+        self._trainer: pl.Trainer | None = None
+        self._module: pl.LightningModule | None = None
 
     # ------------------------------------------------------------------------------------------- bookkeeping
     def summary(self) -> dict[str, Any]:
@@ -205,6 +215,8 @@ class TrainingGuard(pl.Callback):
                 "amp_skipped_steps": self.amp_skipped_steps, "warnings": list(self.warnings)}
 
     def state_dict(self) -> dict[str, Any]:
+        if self._trainer is not None and self._module is not None:
+            self._read_flags(self._trainer, self._module)  # a checkpoint records every skipped step
         return {**self.summary(), "warned": sorted(self._warned)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -234,6 +246,8 @@ class TrainingGuard(pl.Callback):
         self._buffers = [b for b in pl_module.buffers()]
         self._saved = [b.detach().clone() for b in self._buffers]
         self._saved_step = None
+        self._pending, self._state_ready = [], False
+        self._trainer, self._module = trainer, pl_module
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -248,6 +262,18 @@ class TrainingGuard(pl.Callback):
             with torch.no_grad():
                 torch._foreach_copy_(self._buffers, self._saved)
 
+    def _skips_on_device(self, optimizer: Any, params: list[Tensor]) -> bool:
+        """Whether this optimizer's step honours ``found_inf`` on the device (torch's fused kernels do). Fused SGD
+        with momentum allocates its buffers uninitialised on its first step and only fills them if the step runs,
+        so it qualifies once every buffer exists."""
+        if not (optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False)):
+            return False
+        if not self._state_ready:
+            momentum = any(group.get("momentum", 0) for group in optimizer.param_groups)
+            self._state_ready = not (isinstance(optimizer, torch.optim.SGD) and momentum) or all(
+                optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params if p.grad is not None)
+        return self._state_ready
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
@@ -257,10 +283,22 @@ class TrainingGuard(pl.Callback):
                                                                                              device=device)
         grads_ok = (torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0)) if grads
                     else torch.ones((), dtype=torch.bool, device=device))
-        loss_finite, grads_finite = (bool(v) for v in torch.stack([loss_ok, grads_ok]).tolist())  # the one sync
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        verdict = step_verdict(loss_finite, grads_finite, scaled=scaler is not None,
-                               distributed=trainer.world_size > 1)
+        distributed = trainer.world_size > 1
+        if scaler is None and self._skips_on_device(optimizer, params):
+            bad = ~grads_ok if distributed else ~(loss_ok & grads_ok)  # as step_verdict decides, on the device
+            optimizer.found_inf = bad.float()  # the fused kernel leaves weights and state alone where this is 1
+            if self._buffers and self._saved_step is not None:
+                with torch.no_grad():
+                    for buf, saved in zip(self._buffers, self._saved):
+                        torch.where(bad, saved, buf, out=buf)
+            self._pending.append((int(trainer.global_step), bad, loss_ok, grads_ok,
+                                  None if loss is None else loss.detach()))
+            return
+        if hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf
+        loss_finite, grads_finite = (bool(v) for v in torch.stack([loss_ok, grads_ok]).tolist())  # the one sync
+        verdict = step_verdict(loss_finite, grads_finite, scaled=scaler is not None, distributed=distributed)
         if verdict == "ok":
             self._amp_run = 0
             return
@@ -290,11 +328,48 @@ class TrainingGuard(pl.Callback):
         for p in params:
             p.grad = None  # no gradient: no optimizer moves the weight or its state (momentum, Adam moments)
         self._restore_buffers()
+        self._record_skip(trainer, step)
+
+    def _record_skip(self, trainer: pl.Trainer, step: int) -> None:
         self.skipped_steps += 1
         self.skipped_at.append(step)
         self._warn(f"step {step} (epoch {trainer.current_epoch}): non-finite loss or gradients; skipped it without "
                    f"updating any weight ({self.skipped_steps} of guard.max_bad_steps={self.max_bad_steps} skipped "
                    "so far)")
+
+    def _read_flags(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Account for the steps the fused optimizer skipped on the device since the last read: record them as
+        skipped, or stop once there are more than ``max_bad_steps``."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flags = torch.stack([bad for _, bad, *_ in pending]).tolist()  # the one sync, on a logging step
+        bad = [entry for entry, flag in zip(pending, flags) if flag]
+        if not bad:
+            return
+        weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in pl_module.parameters()]).all())
+        room = self.max_bad_steps - self.skipped_steps if weights_ok else 0
+        for step, *_ in bad[:max(room, 0)]:
+            self._record_skip(trainer, step)
+        if len(bad) <= room:
+            return
+        step, _, loss_ok, grads_ok, loss = bad[max(room, 0)]
+        loss_value = float(loss.float().mean()) if loss is not None else None
+        what = ("non-finite loss" if not bool(loss_ok) else "non-finite gradients with a finite loss"
+                if not bool(grads_ok) else "non-finite loss or gradients")
+        why = f"{what} (loss {_fmt(loss_value) if loss_value is not None else 'not known'})"
+        if not weights_ok:
+            why += "; the weights themselves are already non-finite, so skipping cannot help"
+        elif self.max_bad_steps:
+            why += f"; {self.skipped_steps} bad step(s) were skipped already, guard.max_bad_steps={self.max_bad_steps}"
+        later = f" and {len(bad) - room - 1} more bad step(s) after it" if len(bad) - room > 1 else ""
+        message = self._diagnosis(
+            trainer, pl_module, why, f"The fused optimizer skipped step {step}{later} on the device: no weight, "
+            f"BatchNorm statistic or optimizer state moved in {'them' if later else 'it'}, and no checkpoint was "
+            f"written after it. The check reads these flags on logging steps, so it stopped at step "
+            f"{trainer.global_step}; set optim.fused=false for a check (and the parameter names) at every step.",
+            at_step=step, step_detail=False)
+        raise TrainingDiverged(message)
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], why: str) -> None:
         message = self._diagnosis(trainer, pl_module, why, "Nothing of this step was written: the weights, optimizer "
@@ -307,6 +382,7 @@ class TrainingGuard(pl.Callback):
     def _check_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         """A step whose loss and gradients were finite can still overflow the weights (an lr so high the update is
         Inf); such weights must not reach a checkpoint or backbone.pt. One check per save, not per step."""
+        self._read_flags(trainer, pl_module)
         params = list(pl_module.parameters())
         if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             last = int(trainer.global_step) - 1
@@ -321,8 +397,44 @@ class TrainingGuard(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_weights(trainer, pl_module, "at the end of training, before anything is exported")
 
-    def _diagnosis(self, trainer: pl.Trainer, pl_module: pl.LightningModule, why: str, written: str) -> str:
-        """One line: where, what was non-finite, the likely causes in order, and how to continue."""
+    def _diagnosis(self, trainer: pl.Trainer, pl_module: pl.LightningModule, why: str, written: str,
+                   at_step: int | None = None, step_detail: bool = True) -> str:
+        """One line: where, what was non-finite, the likely causes in order, and how to continue.
+
+        ``step_detail``: the module's last loss terms and gradients belong to the bad step (False when the bad step
+        was found later, from the flags the device kept)."""
+        step = trainer.global_step if at_step is None else at_step
+        detail = self._step_detail(pl_module) if step_detail else "which parameters: not recorded on the device"
+        optim_cfg = getattr(pl_module, "optim_cfg", None) or {}
+        current = optimizer_lr(trainer)
+        lr = optim_cfg.get("lr", current)
+        lr_text = f"optim.lr={_fmt(float(lr))}" if lr is not None else "optim.lr"
+        if current is not None and lr is not None and not math.isclose(float(current), float(lr)):
+            lr_text += f", {_fmt(float(current))} at this step of the schedule"
+        causes = [f"learning rate too high ({lr_text}): lower it, e.g. 10x, or add optim.warmup_epochs",
+                  "NaN/Inf input pixels: set dataset.nan_policy (error, zero or drop) and check the file with "
+                  "`python -m ssl_lab.inspect <file>`"]
+        precision = str(trainer.precision)
+        if "16" in precision and "bf16" not in precision:
+            causes.append(f"mixed-precision overflow (accelerator.precision={precision}): use "
+                          "accelerator.precision=bf16-mixed or 32-true")
+        ckpt, ckpt_step = saved_last_checkpoint(trainer)
+        low = f"optim.lr={_fmt(float(lr) / 10)}" if lr is not None else "a lower optim.lr"
+        if ckpt is None:
+            resume = f"No checkpoint was saved yet: start again with a lower lr (e.g. {low})"
+        else:
+            at = f" (step {ckpt_step})" if ckpt_step is not None else ""
+            where = f"run_dir={ckpt.parent.parent} resume=auto"
+            resume = (f"Last good checkpoint: {ckpt}{at}; continue from it with {where} {low}" if RESUME_APPLIES_LR
+                      else f"Last good checkpoint: {ckpt}{at}; {where} continues from it, but with the lr saved in it "
+                      f"(a changed optim.lr does not apply to a resumed run): for a lower lr start a new run ({low})")
+        numbered = "; ".join(f"({i}) {c}" for i, c in enumerate(causes, 1))
+        return (f"training diverged at step {step} (epoch {trainer.current_epoch}): {why}. {detail}. "
+                f"Likely causes, most likely first: {numbered}. {resume}. {written}")
+
+    @staticmethod
+    def _step_detail(pl_module: pl.LightningModule) -> str:
+        """The current step's loss terms, gradient norm and the parameters with NaN/Inf gradients or weights."""
         terms = {k: float(torch.as_tensor(v).float().mean()) for k, v in
                  (getattr(pl_module, "last_terms", None) or {}).items()}
         shown = ", ".join(f"{k}={_fmt(v)}" + ("" if math.isfinite(v) else " (non-finite)") for k, v in terms.items())
@@ -337,34 +449,7 @@ class TrainingGuard(pl.Callback):
         else:
             grads = f"gradient norm {_fmt(norm)} (overflowed float32; every gradient entry is finite but huge)"
         weights = f"; NaN/Inf weights in {_names(bad_weights)}" if bad_weights else ""
-
-        optim_cfg = getattr(pl_module, "optim_cfg", None) or {}
-        current = optimizer_lr(trainer)
-        lr = optim_cfg.get("lr", current)
-        lr_text = f"optim.lr={_fmt(float(lr))}" if lr is not None else "optim.lr"
-        if current is not None and lr is not None and not math.isclose(float(current), float(lr)):
-            lr_text += f", {_fmt(float(current))} at this step of the schedule"
-        causes = [f"learning rate too high ({lr_text}): lower it, e.g. 10x, or add optim.warmup_epochs",
-                  "NaN/Inf input pixels: set dataset.nan_policy (error, zero or drop) and check the file with "
-                  "`python -m ssl_lab.inspect <file>`"]
-        precision = str(trainer.precision)
-        if "16" in precision and "bf16" not in precision:
-            causes.append(f"mixed-precision overflow (accelerator.precision={precision}): use "
-                          "accelerator.precision=bf16-mixed or 32-true")
-        ckpt, ckpt_step = last_checkpoint(trainer)
-        low = f"optim.lr={_fmt(float(lr) / 10)}" if lr is not None else "a lower optim.lr"
-        if ckpt is None:
-            resume = f"No checkpoint was saved yet: start again with a lower lr (e.g. {low})"
-        else:
-            at = f" (step {ckpt_step})" if ckpt_step is not None else ""
-            where = f"run_dir={ckpt.parent.parent} resume=auto"
-            resume = (f"Last good checkpoint: {ckpt}{at}; continue from it with {where} {low}" if RESUME_APPLIES_LR
-                      else f"Last good checkpoint: {ckpt}{at}; {where} continues from it, but with the lr saved in it "
-                      f"(a changed optim.lr does not apply to a resumed run): for a lower lr start a new run ({low})")
-        numbered = "; ".join(f"({i}) {c}" for i, c in enumerate(causes, 1))
-        return (f"training diverged at step {trainer.global_step} (epoch {trainer.current_epoch}): {why}. "
-                f"Loss and terms: {shown or 'not known (the module keeps no last_terms)'}; {grads}{weights}. "
-                f"Likely causes, most likely first: {numbered}. {resume}. {written}")
+        return f"Loss and terms: {shown or 'not known (the module keeps no last_terms)'}; {grads}{weights}"
 
     # ------------------------------------------------------------------------------------------ collapse watch
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -376,9 +461,12 @@ class TrainingGuard(pl.Callback):
             self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
             self._loss_n = finite.float() if self._loss_n is None else self._loss_n + finite.float()
         step = int(trainer.global_step)
+        if trainer._logger_connector.should_update_logs:
+            self._read_flags(trainer, pl_module)
         if step == 0 or step == self._checked_step or step % self._every:
             return  # no optimizer step since the last check (accumulating), or not a check step
         self._checked_step = step
+        self._read_flags(trainer, pl_module)
         self._check_embeddings(trainer, pl_module, batch, step)
         self._check_chance(trainer, pl_module, batch, step)
 

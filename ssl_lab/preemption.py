@@ -68,8 +68,8 @@ class PreemptionCheckpoint(pl.Callback):
 
     def _note(self, signum: int, frame: Any) -> None:
         if self.received is None:
-            log.warning("received %s: saving a checkpoint at the end of this step, then stopping",
-                        signal.Signals(signum).name)
+            log.warning("received %s: saving a checkpoint at the end of this step (under DDP: of the next logging "
+                        "step), then stopping", signal.Signals(signum).name)
         self.received = signum
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -88,7 +88,12 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         stop = self.received is not None
-        if trainer.world_size > 1:  # every rank stops at the same step, whichever got the signal
+        if trainer.world_size > 1:
+            # Every rank stops at the same step, whichever got the signal. The vote is a collective whose result the
+            # host must read (a sync with the GPU), so ranks vote on logging steps and at epoch ends only, the steps
+            # where Lightning reads its logged values anyway: the stop comes at most log_every_n_steps later.
+            if not (trainer._logger_connector.should_update_logs or trainer.is_last_batch):
+                return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return

@@ -56,6 +56,9 @@ def compile_targets(model: nn.Module) -> dict[str, nn.Module]:
     blocks = getattr(getattr(backbone, "model", None), "blocks", None)
     if isinstance(blocks, nn.Module):  # timm ViT: MAE calls the blocks directly, never backbone.__call__
         return {"backbone.model.blocks": blocks}
+    features = getattr(backbone, "features", None)
+    if isinstance(features, nn.Module):  # VGG: the conv_mlp head calls backbone.forward_features, i.e. features
+        return {"backbone.features": features}
     return {"backbone": backbone}
 
 

@@ -87,8 +87,10 @@ def lens_run(tmp_path_factory, cache_dir):
 @pytest.mark.parametrize("task", ["linear", "finetune"])
 def test_linear_and_finetune_write_metrics_plots_and_report(tmp_path, cache_dir, lens_run, task):
     run_dir = tmp_path / task
+    fast = ["accelerator.channels_last=true"] if task == "finetune" else []  # the speed options apply downstream
     summary = TASKS[task](compose_cfg([*TINY, *SHORT, *tiny_data("lens_sim", cache_dir), f"task={task}",
-                                       f"pretrained={lens_run}", f"run_dir={run_dir}"]))
+                                       f"pretrained={lens_run}", f"run_dir={run_dir}", *fast]))
+    assert summary["speed"]["channels_last"] is bool(fast) and summary["speed"]["compiled"] == []
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["pretrained"].endswith("backbone.pt") and metrics["method"] == "simclr"
     test = metrics["test"]

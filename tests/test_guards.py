@@ -31,6 +31,8 @@ from ssl_lab.methods.simclr import SimCLR
 
 OPTIMS = {"adam": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant"},
           "sgd": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "constant"}}
+# The fused kernels (the default on CUDA) have CPU versions: the guard's device-side skip runs here too.
+OPTIMS.update({f"{k}_fused": {**v, "fused": True} for k, v in list(OPTIMS.items())})
 
 
 class Encoder(nn.Module):
@@ -199,16 +201,53 @@ def test_bad_steps_are_skipped_without_moving_anything_until_max_bad_steps(optim
     assert guard.summary()["skipped_steps"] == 2 and len(guard.summary()["warnings"]) == 2
 
 
-def test_skipped_steps_survive_resume(tmp_path):
+@pytest.mark.parametrize("optim", ["sgd_fused", "adam_fused"])
+def test_fused_optimizer_skips_bad_steps_on_the_device_and_reads_the_flags_on_logging_steps(optim):
+    pl.seed_everything(0)
+    model = simclr(optim=optim)
+    guard = TrainingGuard(max_bad_steps=1)
+    history = History()
+    with pytest.raises(TrainingDiverged) as err:
+        fit(model, 12, [history, guard, PoisonAt({2, 5})], log_every_n_steps=4)  # history sees step 8 too
+    for bad in (2, 5):  # nothing moved in either bad step, BatchNorm statistics and optimizer state included
+        assert_same(history.model[bad + 1], history.model[bad])
+        assert_same(history.optim[bad + 1], history.optim[bad])
+    weight = "backbone.net.0.weight"
+    assert not torch.equal(history.model[7][weight], history.model[6][weight])  # good steps still train
+    # Step 2 was within max_bad_steps; step 5 was one too many, found when the flags were read at the logging
+    # step after 8 steps, and the run stopped there, holding the weights of those 8 steps (two of them skipped).
+    assert guard.skipped_at == [2]
+    msg = str(err.value)
+    assert "training diverged at step 5 (epoch 0): non-finite loss (loss nan)" in msg
+    assert "stopped at step 8" in msg and "optim.fused=false" in msg and "\n" not in msg
+    assert max(history.model) == 8
+    assert_same(model.state_dict(), history.model[8])
+
+
+def test_fused_sgd_first_step_is_checked_on_the_host():
+    """Fused SGD allocates its momentum buffers uninitialised on its first step and fills them only if the step
+    runs: a first step skipped on the device would leave garbage momentum behind."""
+    pl.seed_everything(0)
+    model = simclr(optim="sgd_fused")
+    guard = TrainingGuard(max_bad_steps=1)
+    history = History()
+    fit(model, 3, [guard, PoisonAt({0}), history])
+    assert guard.skipped_at == [0]
+    assert history.optim[1] == {}  # no momentum buffer came out of the skipped first step
+    assert all(torch.isfinite(v["momentum_buffer"]).all() for v in history.optim[3].values())
+
+
+@pytest.mark.parametrize("optim", ["adam", "adam_fused"])
+def test_skipped_steps_survive_resume(tmp_path, optim):
     pl.seed_everything(0)
     def ckpt():
         return ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=0, save_last=True)
 
     first = TrainingGuard(max_bad_steps=5)
-    fit(simclr(), 3, [first, PoisonAt({1}), ckpt()], root=tmp_path)
+    fit(simclr(optim=optim), 3, [first, PoisonAt({1}), ckpt()], root=tmp_path)
     assert first.skipped_at == [1]
     again = TrainingGuard(max_bad_steps=5)
-    trainer = fit(simclr(), 5, [again, PoisonAt({4}), ckpt()], root=tmp_path,
+    trainer = fit(simclr(optim=optim), 5, [again, PoisonAt({4}), ckpt()], root=tmp_path,
                   ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 5
     assert again.skipped_steps == 2 and again.skipped_at == [1, 4]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from conftest import ROOT, TINY, compose_cfg, tiny_data
 from ssl_lab.artifacts import load_backbone_file
 from ssl_lab.errors import ConfigError, RunInterrupted
+from ssl_lab.preemption import PreemptionCheckpoint
 from ssl_lab.tasks import pretrain
 
 pytestmark = pytest.mark.slow
@@ -125,3 +127,21 @@ def test_submitit_job_is_requeued_and_finishes(tmp_path, cache_dir):
     assert "was stopped by SIGUSR2 at step 3; continuing it" in log
     assert json.loads((job / "summary.json").read_text())["global_step"] == 8
     assert sorted(p.name for p in (job / "logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_ranks_vote_on_a_signal_only_on_logging_steps_and_epoch_ends(tmp_path):
+    """Under DDP the stop is a collective vote whose result the host must read (a GPU sync): not every step."""
+    votes = []
+
+    class Strategy:
+        def reduce_boolean_decision(self, decision, all=True):
+            votes.append(decision)
+            return False  # nobody got a signal: train on
+
+    callback = PreemptionCheckpoint(tmp_path)
+    for logging_step, last_batch, got_signal in [(False, False, True), (True, False, True), (False, True, False)]:
+        callback.received = int(signal.SIGTERM) if got_signal else None
+        trainer = SimpleNamespace(world_size=2, strategy=Strategy(), is_last_batch=last_batch,
+                                  _logger_connector=SimpleNamespace(should_update_logs=logging_step))
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert votes == [True, False]  # no vote on the first step, a signal noted and voted on at the logging step

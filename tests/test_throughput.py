@@ -17,6 +17,7 @@ from torch import nn
 from ssl_lab import speed
 from ssl_lab.augment import OPS, Augment
 from ssl_lab.backbones import build_backbone
+from ssl_lab.callbacks import SpeedMeter, StepProgressBar
 from ssl_lab.errors import ConfigError
 from ssl_lab.methods.simclr import SimCLR
 from ssl_lab.optim import build_optimizer, param_groups, step_kwargs
@@ -165,6 +166,45 @@ def test_trainer_gets_cudnn_autotuning_only_on_cuda(monkeypatch):
     assert "benchmark" not in trainer_kwargs(compose_cfg(["accelerator=cpu"]), "32-true")
 
 
+def test_progress_bar_redraws_only_on_logging_steps_on_cuda(monkeypatch):
+    cfg = compose_cfg(["accelerator=gpu", "trainer.log_every_n_steps=7", "trainer.enable_progress_bar=true"])
+    mine = pl.Callback()
+    for cuda, every in ((False, 1), (True, 7)):  # the CPU: every step, as Lightning's default bar
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        callbacks = trainer_kwargs(cfg, "32-true", callbacks=[mine])["callbacks"]
+        assert callbacks[0] is mine and isinstance(callbacks[1], StepProgressBar) and callbacks[1].refresh_rate == every
+    assert trainer_kwargs(cfg, "bf16-mixed", enable_progress_bar=False)["callbacks"] == []
+
+
+class CountedClock(SpeedMeter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batch = batch_idx
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _now(self, trainer):
+        self.reads.append(self._batch)
+        return float(len(self.reads))  # one "second" per read
+
+
+def test_speed_meter_reads_the_clock_only_on_logging_steps_and_epoch_ends():
+    torch.manual_seed(0)
+    model = _tiny_simclr()
+    meter = CountedClock()
+    gen = torch.Generator().manual_seed(1)
+    data = [{"x": torch.rand(4, 1, 8, 8, generator=gen)} for _ in range(10)]
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[meter],
+                         log_every_n_steps=4)
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    # the first batch starts the clock; batches 4 and 8 (1-based) are logged; batch 10 ends the epoch
+    assert meter.reads == [0, 3, 7, 9]
+    assert meter.images == 9 * 4 and meter.images_per_s == pytest.approx(36 / 3)
+
+
 # ------------------------------------------------------------------------------------------------- compile
 def _fit(model: SimCLR, steps: int = 2, callbacks: list | None = None) -> pl.Trainer:
     gen = torch.Generator().manual_seed(1)
@@ -199,6 +239,8 @@ def test_compile_targets_vit_blocks_and_keeps_state_dict_keys():
     holder = nn.Module()
     holder.backbone = vit
     assert list(speed.compile_targets(holder)) == ["backbone.model.blocks"]
+    holder.backbone = build_backbone("vgg11", 1, image_size=32)  # forward and forward_features both run features
+    assert list(speed.compile_targets(holder)) == ["backbone.features"]
     model = _tiny_simclr()
     keys = list(model.state_dict())
     speed.compile_model(model, "cpu", backend="eager")

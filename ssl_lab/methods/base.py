@@ -70,7 +70,8 @@ class SSLMethod(CheckpointHeader, pl.LightningModule, ABC):
         self.last_terms = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach() for k, v in terms.items()}}
         n = batch["x"].shape[0]
         # sync_dist: under DDP a per-sample loss (BYOL, MAE, ...) differs by rank; the log shows the global mean.
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
+        # no prog_bar=True: Lightning would read it every step (a host sync); StepProgressBar shows it
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
         for key, value in terms.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
         return loss

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_lab.artifacts import atomic_write
+from ssl_lab.callbacks import StepProgressBar
 from ssl_lab.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from ssl_lab.errors import ConfigError
 from ssl_lab.inspect import startup_check
@@ -105,7 +106,14 @@ def trainer_kwargs(cfg: DictConfig, precision: str, **overrides: Any) -> dict[st
     # on the model (ssl_lab.speed), not the Trainer.
     if uses_cuda(acc.accelerator) and not kwargs.get("deterministic"):
         kwargs["benchmark"] = True
+    callbacks = list(overrides.pop("callbacks", None) or [])
     kwargs.update(overrides)
+    if kwargs.get("enable_progress_bar", True):
+        # The bar reads the loss (a host sync) every time it redraws: on a GPU, redraw only when metrics are
+        # logged, so the host keeps queueing kernels in between. On the CPU there is nothing to overlap.
+        every = max(int(kwargs.get("log_every_n_steps", 50)), 1) if uses_cuda(acc.accelerator) else 1
+        callbacks.append(StepProgressBar(refresh_rate=every))
+    kwargs["callbacks"] = callbacks
     return kwargs
 
 

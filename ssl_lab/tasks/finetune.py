@@ -20,6 +20,7 @@ from ssl_lab.downstream import Downstream
 from ssl_lab.errors import ConfigError
 from ssl_lab.loggers import publish
 from ssl_lab.preemption import PreemptionCheckpoint, clear_marker
+from ssl_lab.speed import apply_speed_options, optimizer_impl
 from ssl_lab.tasks.backbone_source import load_backbone
 from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, labelled_datamodule, last_checkpoint,
                                   one_console, resolve_precision, resolve_run_dir, save_config, targets,
@@ -58,6 +59,10 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         target_std=datamodule.target_std, train_augment=task.train_augment, seed=cfg.seed,
     )
 
+    fast = apply_speed_options(model, cfg.accelerator)  # channels_last and torch.compile, as in pretraining
+    if task.head == "conv_mlp" and "backbone" in fast["compiled"]:
+        log.warning("accelerator.compile: the conv_mlp head reads %s.forward_features, which runs eager; only "
+                    "VGG backbones compile on that path", cfg.backbone.name)
     if ckpt_path:  # checked before anything is written
         prepare_resume(ckpt_path, model, datamodule)
 
@@ -69,8 +74,8 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg, run_dir)
     for logger in loggers:
         logger.log_hyperparams(saved)
-    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks,
-                         **trainer_kwargs(cfg, precision, max_epochs=task.max_epochs))
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False,
+                         **trainer_kwargs(cfg, precision, callbacks=callbacks, max_epochs=task.max_epochs))
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.is_global_zero:
         clear_marker(run_dir / "checkpoints")  # finished: a later start of this run is not a continuation
@@ -81,6 +86,7 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         "label_fraction": datamodule.summary().get("label_fraction"), "epochs": int(trainer.current_epoch),
         "wall_time_s": round(time.time() - started, 2), "run_dir": str(run_dir),
         "data_n_test": datamodule.summary().get("n_test"),
+        "speed": {**fast, "optimizer": optimizer_impl(trainer.optimizers[0] if trainer.optimizers else None)},
     }
     if trainer.is_global_zero:
         preds = collect(model, datamodule.test_dataloader(), trainer.strategy.root_device)

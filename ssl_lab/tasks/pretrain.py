@@ -73,8 +73,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     ]
     loggers = build_loggers(cfg, run_dir)
     # No validation loop: the val split serves the downstream tasks.
-    kwargs = trainer_kwargs(cfg, precision, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks, **kwargs)
+    kwargs = trainer_kwargs(cfg, precision, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False, **kwargs)
     # The global batch is known once the Trainer knows the world size; the lr rule and its result are saved.
     global_batch = int(cfg.dataset.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
     model.optim_cfg, scale = scale_lr(model.optim_cfg, global_batch)
