@@ -13,6 +13,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from ssl_lab.artifacts import save_backbone
 
 
+def reads_values_now(trainer: pl.Trainer) -> bool:
+    """Whether this batch end already reads device values on the host: a logging step (Lightning turns the logged
+    values into numbers) or an epoch's last batch. Watchers that need a value read it here, not every step.
+    Call it in ``on_train_batch_end``."""
+    return bool(trainer._logger_connector.should_update_logs or trainer.is_last_batch)
+
+
 class SpeedMeter(pl.Callback):
     """Images per second from the end of the first batch to the end of the last, loading included.
 
@@ -39,7 +46,7 @@ class SpeedMeter(pl.Callback):
             self._t0 = self._now(trainer)
             return
         self._counted += int(batch["x"].shape[0]) * trainer.world_size
-        if not (trainer._logger_connector.should_update_logs or trainer.is_last_batch):
+        if not reads_values_now(trainer):
             return
         self.seconds = self._now(trainer) - self._t0
         self.images = self._counted

@@ -10,13 +10,13 @@ of a bad step survives in memory either, whatever saves the model afterwards.
 Without a host sync where it can: a fused optimizer (the default on CUDA for adam, adamw and sgd) takes a
 ``found_inf`` flag on the device and skips the whole update there when it is set, as it does for the GradScaler.
 The guard sets it from the loss and gradient-norm finite flags and puts the forward-moved buffers back with a
-device-side select, so a bad step changes nothing while the host runs ahead. The flags are read on the steps whose
-metrics are logged (Lightning reads the logged values then anyway), before any checkpoint is written and at the
-end: a run with ``max_bad_steps=0`` stops at the first of those after a bad step, all bad steps skipped. Other
-optimizers (LARS, the CPU's for-loop ones) and 16-mixed (the GradScaler decides) need the flags on the host before
-the step: one sync per step. Under DDP the decision rests on the all-reduced gradients, the same on every rank, so
-all ranks stop or skip together; strategies that shard gradients (FSDP, DeepSpeed) would need a collective here
-and are not covered.
+device-side select, so a bad step changes nothing while the host runs ahead. The flags are read where the host reads
+values anyway (``reads_values_now``: logging steps, epoch ends), before any checkpoint is written and at the end: a
+run with ``max_bad_steps=0`` stops at the first of those after a bad step, all bad steps skipped. Other optimizers
+(LARS, the CPU's for-loop ones) and 16-mixed (the GradScaler decides) need the flags on the host before the step:
+one sync per step. Under DDP the decision rests on the all-reduced gradients, the same on every rank, so all ranks
+stop or skip together; strategies that shard gradients (FSDP, DeepSpeed) would need a collective here and are not
+covered.
 
 Collapse: every ``check_every_n_steps`` the backbone's features of the first view give ``train/embedding_std``
 (:func:`embedding_spread`). At random initialisation it measured 0.26-0.33 for ResNet-15/18/50, 0.15 for ViT-tiny
@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ssl_lab.callbacks import reads_values_now
 from ssl_lab.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -461,7 +462,7 @@ class TrainingGuard(pl.Callback):
             self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
             self._loss_n = finite.float() if self._loss_n is None else self._loss_n + finite.float()
         step = int(trainer.global_step)
-        if trainer._logger_connector.should_update_logs:
+        if reads_values_now(trainer):
             self._read_flags(trainer, pl_module)
         if step == 0 or step == self._checked_step or step % self._every:
             return  # no optimizer step since the last check (accumulating), or not a check step

@@ -25,6 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from ssl_lab.artifacts import write_json
+from ssl_lab.callbacks import reads_values_now
 from ssl_lab.errors import RunInterrupted
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class PreemptionCheckpoint(pl.Callback):
             # Every rank stops at the same step, whichever got the signal. The vote is a collective whose result the
             # host must read (a sync with the GPU), so ranks vote on logging steps and at epoch ends only, the steps
             # where Lightning reads its logged values anyway: the stop comes at most log_every_n_steps later.
-            if not (trainer._logger_connector.should_update_logs or trainer.is_last_batch):
+            if not reads_values_now(trainer):
                 return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:

@@ -17,7 +17,7 @@ from conftest import compose_cfg
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssl_lab import speed
-from ssl_lab.callbacks import SpeedMeter, StepProgressBar
+from ssl_lab.callbacks import SpeedMeter, StepProgressBar, reads_values_now
 from ssl_lab.guards import build_guard
 from ssl_lab.preemption import PreemptionCheckpoint
 from ssl_lab.tasks.common import trainer_kwargs
@@ -55,7 +55,7 @@ class PerBatch(pl.Callback):
         self._start = len(self.mode.reads)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._logged = trainer._logger_connector.should_update_logs or trainer.is_last_batch
+        self._logged = reads_values_now(trainer)
 
 
 @pytest.fixture
