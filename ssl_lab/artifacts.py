@@ -80,6 +80,21 @@ def save_backbone(path: str | Path, backbone: nn.Module, meta: Mapping[str, Any]
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def load_payload(path: Path, fmt: str, version: int, what: str, not_ours: str) -> dict[str, Any]:
+    """A file of ssl_lab's own format ``fmt`` (a dict with "format" and "version"), loaded with weights_only=True;
+    every failure names the file and what is wrong with it (``not_ours``: what to do with a file of another kind)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise DataError(f"{path}: cannot be read as a {what} (corrupt or truncated?): {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise DataError(f"{path}: not an ssl_lab {what} (no '{fmt}' header); {not_ours}.")
+    if payload.get("version") != version:
+        raise DataError(f"{path}: {what} format version {payload.get('version')} is not supported "
+                        f"(this ssl_lab reads version {version}).")
+    return payload
+
+
 def load_backbone_file(path: str | Path) -> dict[str, Any]:
     """Read and check a `backbone.pt`; every failure names the file and what is wrong with it."""
     path = Path(path)
@@ -88,14 +103,4 @@ def load_backbone_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: no such backbone file; pass pretrained=<a pretraining run directory or its "
                         "backbone.pt>.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise DataError(f"{path}: cannot be read as a checkpoint (corrupt or truncated?): {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
-        raise DataError(f"{path}: not an ssl_lab backbone file (no '{BACKBONE_FORMAT}' header); "
-                        "export one with task=pretrain.")
-    if payload.get("version") != BACKBONE_VERSION:
-        raise DataError(f"{path}: backbone format version {payload.get('version')} is not supported "
-                        f"(this ssl_lab reads version {BACKBONE_VERSION}).")
-    return payload
+    return load_payload(path, BACKBONE_FORMAT, BACKBONE_VERSION, "backbone file", "export one with task=pretrain")

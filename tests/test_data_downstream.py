@@ -61,9 +61,9 @@ def test_splits_are_disjoint_stratified_and_cover_everything(labelled_file):
     assert [int(dm.test_set[i]["y"]) for i in range(len(te))] == y[te].tolist()
 
 
-def test_splits_are_determined_by_the_seed(labelled_file):
+def test_splits_are_determined_by_the_split_seed(labelled_file):
     path, _, _ = labelled_file
-    a, b, c = h5(path, seed=4), h5(path, seed=4), h5(path, seed=5)
+    a, b, c = h5(path, split_seed=4), h5(path, split_seed=4, seed=7), h5(path, split_seed=5)
     for split in ("train_indices", "val_indices", "test_indices"):
         assert np.array_equal(getattr(a, split), getattr(b, split))
     assert not np.array_equal(a.test_indices, c.test_indices)
@@ -111,10 +111,12 @@ def test_loaders_keep_ragged_batches_but_never_a_single_sample(labelled_file):
     assert [len(b["y"]) for b in small.train_dataloader()] == [len(small.train_indices)]
 
 
-def test_pretraining_mode_is_unchanged(labelled_file):
+def test_pretraining_mode_fits_on_everything_but_the_test_split(labelled_file):
     path, _, _ = labelled_file
     dm = h5(path, labelled=False, label_fraction=0.1)
-    assert len(dm.train_set) + len(dm.val_set) == 100 and dm.test_set is None
+    down = h5(path, label_fraction=0.1)
+    assert len(dm.train_set) == 80 and dm.test_set is None  # label_fraction limits downstream labels only
+    assert np.array_equal(dm.test_indices, down.test_indices) and not set(dm.train_indices) & set(down.test_indices)
     assert dm.summary()["labelled"] is False and "n_test" not in dm.summary()
     with pytest.raises(DataError, match="no test split in pretraining mode.*labelled=True"):
         dm.test_dataloader()
@@ -125,7 +127,7 @@ def test_labelled_path_rule(tmp_path, labelled_file):
     unlab = write(tmp_path / "unlab.h5", images=images(37, seed=9))
     kw = dict(label_key="labels", target_keys=["m", "pT"], labelled_path=lab)
     pre = h5(unlab, labelled=False, **kw)  # the unlabelled file has no 'labels', 'm' or 'pT': none is looked for
-    assert len(pre.train_set) + len(pre.val_set) == 37 and pre.summary()["path"] == unlab
+    assert len(pre.train_set) == 37 and pre.summary()["path"] == unlab  # no labels read: nothing held out
     assert set(pre.train_set[0]) == {"x"} and pre.num_classes is None and pre.target_names == []
     down = h5(unlab, labelled=True, **kw)  # downstream reads everything from the labelled file
     assert down.summary()["path"] == lab and len(down.train_set) + len(down.val_set) + len(down.test_set) == 100

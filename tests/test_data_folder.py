@@ -43,8 +43,9 @@ def classes(tmp_path):
 def test_class_folders_are_labelled_split_and_rgb_keeps_orientation(classes):
     dm = make(classes, val_fraction=0.5)
     assert (dm.class_names, dm.num_classes, dm.image_shape) == (["cat", "dog"], 2, (10, 12))
-    assert len(dm.train_set) == 5 and len(dm.val_set) == 5
-    assert sorted(int(dm.val_set[i]["y"]) for i in range(5)) == [0, 0, 0, 1, 1]
+    # one test image per class is held out first (20%, at least one); val is half of the rest (round(2.5) = 2)
+    assert len(dm.train_set) == 8 and len(dm.val_set) == 4 and len(dm.split_record()["splits"]["test"]["files"]) == 2
+    assert sorted(int(dm.val_set[i]["y"]) for i in range(4)) == [0, 0, 1, 1]
     item = dm.train_set[0]
     k = int(dm.train_set.files[0].rsplit("/", 1)[1][:2])
     assert item["x"].dtype == torch.uint8 and torch.equal(item["x"], torch.from_numpy(rgb(k).transpose(2, 0, 1)))
@@ -85,10 +86,13 @@ def test_deeplense_layout_with_npy_uses_the_given_split(tmp_path):
                 np.save(tmp_path / split / c / f"{k}.npy", a)
                 arrays[(split, c, k)] = a
     dm = make(tmp_path, in_chans=1)
-    assert (len(dm.train_set), len(dm.val_set), dm.class_names) == (9, 6, ["no", "sphere", "vort"])
-    item = dm.val_set[5]  # sorted: vort/1.npy is last
+    # the val folder is the test split in both modes: pretraining fits on the train folder, val is carved from it
+    assert (len(dm.train_set), len(dm.val_set), dm.class_names) == (9, 3, ["no", "sphere", "vort"])
+    assert dm.split_record()["splits"]["test"]["files"] == sorted(f"val/{c}/{k}.npy" for c in ["no", "sphere", "vort"]
+                                                                  for k in range(2))
+    item = dm.train_set[8]  # sorted: train/vort/2.npy is last
     assert item["x"].dtype == torch.float32 and int(item["y"]) == 2
-    assert torch.equal(item["x"], torch.from_numpy(arrays[("val", "vort", 1)]))
+    assert torch.equal(item["x"], torch.from_numpy(arrays[("train", "vort", 2)]))
     tr = np.stack([a for (s, _, _), a in arrays.items() if s == "train"])
     np.testing.assert_allclose(dm.mean.numpy(), tr.mean(axis=(0, 2, 3)), rtol=1e-5)
 
@@ -108,10 +112,12 @@ def test_npy_channel_last_and_2d_arrays(tmp_path):
     assert make(g, in_chans=1, val_fraction=0.0, image_size=14).train_set[1]["x"].shape == (1, 14, 14)
 
 
-def test_unreadable_file_is_named(classes):
-    (classes / "dog" / "99.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"dog/99\.png: cannot be read as an image"):
-        make(classes, val_fraction=0.0)
+def test_unreadable_file_is_named(tmp_path):
+    for k in range(3):  # a flat folder: no test split, so setup reads every file for the statistics
+        png(tmp_path / f"{k}.png", rgb(k))
+    (tmp_path / "99.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"99\.png: cannot be read as an image"):
+        make(tmp_path, val_fraction=0.0)
 
 
 def test_layout_errors(tmp_path):

@@ -58,7 +58,7 @@ def test_stats_equal_numpy_on_the_train_split(tmp_path):
     x = images(n=40)
     dm = make(write(tmp_path / "s.h5", images=x), stats_max_samples=10_000)
     tr = x[dm.train_indices]
-    assert len(dm.train_indices) == 32
+    assert len(dm.train_indices) == 40  # an unlabelled file has no test split: pretraining fits on every image
     np.testing.assert_allclose(dm.mean.numpy(), tr.mean(axis=(0, 2, 3)), rtol=1e-5)
     np.testing.assert_allclose(dm.std.numpy(), tr.std(axis=(0, 2, 3)), rtol=1e-5)
     assert dm.norm_stats() == {"mean": dm.mean.tolist(), "std": dm.std.tolist()}
@@ -95,7 +95,7 @@ def test_nan_policy_zero_replaces_and_counts(tmp_path):
     dm = make(write(tmp_path / "n.h5", images=x), nan_policy="zero", stats_max_samples=10_000)
     s = dm.summary()
     assert (s["nan_pixels_replaced"], s["nan_samples_found"], s["dropped"]) == (6, 2, 0)
-    assert s["n_train"] + s["n_val"] == 30
+    assert s["n_train"] == 30  # fit: every image of an unlabelled file
     ds = dm.train_set if 7 in dm.train_indices else dm.val_set
     pos = int(np.flatnonzero(ds.indices == 7)[0])
     got = ds[pos]["x"]
@@ -132,23 +132,26 @@ def test_labels_targets_and_class_names(tmp_path):
     assert (dm.num_classes, dm.class_names, dm.target_names) == (3, ["a", "b", "c"], ["m", "pT"])
 
 
-def test_stratified_split_keeps_ratios_and_is_seeded(tmp_path):
+def test_stratified_split_keeps_ratios_and_is_seeded_by_split_seed(tmp_path):
     y = np.array([0] * 60 + [1] * 30 + [2] * 10)
     path = write(tmp_path / "st.h5", images=images(n=100, h=2, w=2), labels=y)
-    dm = make(path, label_key="labels", val_fraction=0.2, seed=5)
-    assert np.bincount(y[dm.val_indices]).tolist() == [12, 6, 2]
-    assert np.bincount(y[dm.train_indices]).tolist() == [48, 24, 8]
-    assert len(np.intersect1d(dm.train_indices, dm.val_indices)) == 0
-    again, other = make(path, label_key="labels", seed=5), make(path, label_key="labels", seed=6)
-    assert np.array_equal(again.val_indices, dm.val_indices)
-    assert not np.array_equal(other.val_indices, dm.val_indices)
+    dm = make(path, label_key="labels", val_fraction=0.2, split_seed=5)
+    assert np.bincount(y[dm.test_indices]).tolist() == [12, 6, 2]  # held out first, 20% of each class
+    assert np.bincount(y[dm.val_indices]).tolist() == [10, 5, 2]  # 20% of each class's remainder
+    assert np.bincount(y[dm.train_indices]).tolist() == [48, 24, 8]  # pretraining fits on train + val
+    assert set(dm.val_indices) <= set(dm.train_indices) and not set(dm.test_indices) & set(dm.train_indices)
+    again = make(path, label_key="labels", split_seed=5, seed=6)  # the run's seed does not move the split
+    other = make(path, label_key="labels", split_seed=6)
+    assert np.array_equal(again.val_indices, dm.val_indices) and np.array_equal(again.test_indices, dm.test_indices)
+    assert not np.array_equal(other.test_indices, dm.test_indices)
 
 
 @pytest.mark.parametrize("tags", [np.array([0, 1] * 10), np.array([b"train", b"val"] * 10)])
 def test_split_key_decides_the_split(tmp_path, tags):
     dm = make(write(tmp_path / "sk.h5", images=images(n=20), split=tags), split_key="split")
-    assert dm.train_indices.tolist() == list(range(0, 20, 2))
-    assert dm.val_indices.tolist() == list(range(1, 20, 2))
+    assert dm.train_indices.tolist() == list(range(0, 20, 2))  # pretraining never fits on the val-tagged rows:
+    assert dm.test_indices.tolist() == list(range(1, 20, 2))  # with only train/val tags they are the test split
+    assert len(dm.val_indices) == 2 and set(dm.val_indices) <= set(range(0, 20, 2))
 
 
 def test_bad_split_tags_are_named(tmp_path):

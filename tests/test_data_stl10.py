@@ -51,7 +51,9 @@ def test_images_round_trip_with_row_major_orientation(root):
 @pytest.mark.parametrize("split,n,has_y", [("unlabeled", 6, False), ("train", 4, True), ("unlabeled+train", 10, False)])
 def test_splits(root, split, n, has_y):
     dm = make(root, split=split)
-    assert len(dm.train_set) == n and len(dm.val_set) == 4
+    val = {"unlabeled": 1, "train": 0, "unlabeled+train": 1}[split]  # 0.1 of each part; one image per train class
+    assert len(dm.train_set) == n and len(dm.val_set) == val  # pretraining fits on train + val of its parts
+    assert dm.split_record()["splits"]["test"] == {"test": [0, 1, 2, 3]} and dm.test_set is None
     assert ("y" in dm.train_set[0]) == has_y
     if split == "unlabeled+train":
         assert torch.equal(dm.train_set[7]["x"], torch.from_numpy(pattern(11)))
@@ -61,7 +63,8 @@ def test_splits(root, split, n, has_y):
 def test_labels_are_shifted_to_zero_based(root):
     dm = make(root, split="train")
     assert [int(dm.train_set[i]["y"]) for i in range(4)] == [0, 1, 9, 2]
-    assert [int(dm.val_set[i]["y"]) for i in range(4)] == [4, 5, 6, 7]
+    test = make(root, labelled=True).test_set
+    assert [int(test[i]["y"]) for i in range(4)] == [4, 5, 6, 7]
 
 
 def test_stats_are_of_x_over_255_on_the_pretraining_split(root):
@@ -74,7 +77,7 @@ def test_stats_are_of_x_over_255_on_the_pretraining_split(root):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loaders(root, workers):
     dm = make(root, split="train", num_workers=workers)
-    val = list(dm.val_dataloader())
+    val = list(make(root, labelled=True, num_workers=workers).test_dataloader())
     expected = torch.stack([torch.from_numpy(pattern(20 + k)) for k in range(4)])
     assert torch.equal(torch.cat([b["x"] for b in val]), expected)
     assert torch.cat([b["y"] for b in val]).tolist() == [4, 5, 6, 7]

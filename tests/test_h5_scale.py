@@ -19,7 +19,7 @@ from ssl_lab.prepare import main as prepare_main
 from ssl_lab.prepare import prepare
 
 
-def jets(path, n=200, chunk=8, c=4, hw=6, nan_rows=()):
+def jets(path, n=192, chunk=8, c=4, hw=6, nan_rows=()):
     """NHWC float32 images whose pixel values encode the sample, plus `ident` (= file row) to track samples."""
     rng = np.random.default_rng(0)
     x = rng.gamma(0.5, 3.0, size=(n, hw, hw, c)).astype(np.float32)
@@ -57,7 +57,7 @@ def test_block_mode_reads_every_train_sample_once_per_epoch(tmp_path, workers):
     e1, _ = epoch_rows(loader, 1)
     again, _ = epoch_rows(loader, 0)  # persistent workers must see the new epoch each time
     train = sorted(dm.train_indices.tolist())
-    assert len(dm.train_indices) == 160 and len(loader) == 10 == len(batches)
+    assert len(dm.train_indices) == 192 and len(loader) == 12 == len(batches)  # unlabelled: fit on every row
     assert sorted(e0) == train and sorted(e1) == train and e0 != e1 and again == e0
     b = batches[3]
     rows = b["targets"][:, 0].long().numpy()
@@ -90,9 +90,9 @@ def test_two_ranks_get_disjoint_equal_shares(tmp_path, batch_size):
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=4)
         loader = dm.train_dataloader()
         shares.append([int(v) for bt in loader for v in bt["targets"][:, 0]])
-        assert len(loader) == len(list(loader)) == 80 // batch_size  # same batch count on every rank: no DDP hang
+        assert len(loader) == len(list(loader)) == 96 // batch_size  # same batch count on every rank: no DDP hang
     assert set(shares[0]).isdisjoint(shares[1]) and len(shares[0]) == len(shares[1])
-    if batch_size == 16:  # 160 = 2 ranks x 5 full batches: nothing left out
+    if batch_size == 16:  # 192 = 2 ranks x 6 full batches: nothing left out
         assert sorted(shares[0] + shares[1]) == sorted(dm.train_indices.tolist())
 
 
@@ -113,7 +113,7 @@ def test_reads_are_one_contiguous_slice_inside_one_chunk_aligned_block(tmp_path,
     n_blocks = len(group_by_block(dm.train_indices, 16))
     assert len(reads) == n_blocks  # one read per block (one worker, one rank: no block is split)
     assert all(lo // 16 == (hi - 1) // 16 for lo, hi, _ in reads)
-    assert sum(k for *_, k in reads) == 160
+    assert sum(k for *_, k in reads) == 192
     b = block_length(8, 1000)  # auto: the fewest whole chunks that reach 16 MB
     assert b % 8 == 0 and (b - 8) * 1000 < 16 << 20 <= b * 1000
     assert block_length(None, 500_000, None) == 34 and block_length(375, 500_000, None) == 375

@@ -108,7 +108,7 @@ def test_cli_stops_cleanly_when_the_whole_process_group_gets_sigterm(tmp_path, c
     assert "DataLoader worker" not in proc.stderr
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["ssl_lab"]["method"] == "simclr"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "logs", "run.log"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "logs", "run.log", "splits.json"]
     assert "stopped by SIGTERM" in (run / "run.log").read_text()
 
 

@@ -96,22 +96,6 @@ def check_fraction(val_fraction: float) -> float:
     return float(val_fraction)
 
 
-def split_indices(
-    n: int, val_fraction: float, seed: int, labels: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random train/val split, stratified by label when labels exist so both splits keep the class ratios.
-
-    Returns sorted int64 index arrays (sorted order reads files sequentially).
-    """
-    rng = np.random.default_rng(seed)
-    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    val = [g[rng.permutation(len(g))[: int(round(val_fraction * len(g)))]] for g in groups]
-    val_idx = np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
-    mask = np.ones(n, bool)
-    mask[val_idx] = False
-    return np.flatnonzero(mask).astype(np.int64), val_idx
-
-
 def check_labelled_fractions(test_fraction: float, label_fraction: float) -> tuple[float, float]:
     """Both fractions are checked in every mode, so a bad value fails at construction rather than mid-pipeline."""
     if not 0.0 < _real(test_fraction) < 1.0:
@@ -140,39 +124,67 @@ def check_classes(labels: np.ndarray, where: str, fix: str, names: list[str] | N
                         f"least 2 classes. {fix}")
 
 
-def _class_groups(idx: np.ndarray, labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def _class_groups(idx: np.ndarray, labels: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
+    if labels is None:
+        return [(0, idx)]
     lab = labels[idx]
     return [(int(c), idx[lab == c]) for c in np.unique(lab)]
 
 
 def carve(
-    idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int, salt: int, what: str,
-    class_names: list[str] | None = None, need_one: bool = False,
+    idx: np.ndarray, labels: np.ndarray | None, fraction: float, seed: int, salt: int, need_one: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified split of ``idx`` into (rest, carved): about ``fraction`` of every class is carved out.
+    """Seeded split of ``idx`` into (rest, carved): about ``fraction`` of every class (of all when labels is None).
 
-    Every class keeps at least one sample in ``rest`` (the training side); with ``need_one`` every class also gets
-    at least one carved sample (so each class is evaluated), which needs two samples per class.
-    Returns sorted int64 arrays.
+    Every class keeps at least one sample in ``rest`` (the training side); with ``need_one`` every class of two or
+    more samples also gets at least one carved sample (so each class is evaluated). Returns sorted int64 arrays.
     """
     rng = np.random.default_rng([int(seed), salt])
     rest, taken = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for c, members in _class_groups(np.asarray(idx, np.int64), labels):
+    for _, members in _class_groups(np.asarray(idx, np.int64), labels):
         n = len(members)
-        k = min(int(round(fraction * n)), n - 1)
-        if need_one:
-            if n < 2:
-                name = class_names[c] if class_names and c < len(class_names) else str(c)
-                raise DataError(
-                    f"class {name!r} (label {c}) has only {n} labelled sample; a stratified {what} split needs at "
-                    f"least 2 per class (one to train on, one to {what}). Add samples of that class or remove it "
-                    "from the labelled data."
-                )
+        k = max(0, min(int(round(fraction * n)), n - 1))
+        if need_one and n >= 2:
             k = max(k, 1)
         perm = members[rng.permutation(n)]
         taken.append(perm[:k])
         rest.append(perm[k:])
     return np.sort(np.concatenate(rest)).astype(np.int64), np.sort(np.concatenate(taken)).astype(np.int64)
+
+
+def check_stratifiable(labels: np.ndarray, class_names: list[str] | None = None) -> None:
+    """A drawn test split needs two samples of every class: one to train on, one to test (downstream only, so that
+    pretraining on the same data still runs; the split itself is the same in both modes)."""
+    counts = np.bincount(np.asarray(labels, np.int64))
+    for c in np.flatnonzero((counts > 0) & (counts < 2)):
+        name = class_names[c] if class_names and c < len(class_names) else str(c)
+        raise DataError(
+            f"class {name!r} (label {c}) has only {counts[c]} labelled sample; a stratified test split needs at "
+            "least 2 per class (one to train on, one to test). Add samples of that class or remove it from the "
+            "labelled data."
+        )
+
+
+def split_rows(
+    pool: np.ndarray, labels: np.ndarray | None, test_fraction: float, val_fraction: float, split_seed: int,
+    test: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) rows of ``pool``: the one split that pretraining and downstream runs share.
+
+    ``test`` given (a split tag, folder, key or file) is used as it is. Otherwise the test split is drawn first,
+    stratified, when labels are known, and is empty when they are not: a source without labels cannot be used
+    downstream, so nothing is held out. Val is val_fraction of what is left. Each draw has its own seeded stream
+    (salt 0 test, 1 val, 2 label_fraction), so the test split never depends on val_fraction or label_fraction.
+    """
+    pool = np.asarray(pool, np.int64)
+    if test is not None:
+        test = np.asarray(test, np.int64)
+    elif labels is not None:
+        pool, test = carve(pool, labels, test_fraction, split_seed, 0, need_one=True)
+    else:
+        test = np.zeros(0, np.int64)
+    train, val = carve(pool, labels, val_fraction, split_seed, 1)
+    return train, val, test
 
 
 def label_subset(train_idx: np.ndarray, labels: np.ndarray, label_fraction: float, seed: int) -> np.ndarray:
@@ -190,24 +202,9 @@ def label_subset(train_idx: np.ndarray, labels: np.ndarray, label_fraction: floa
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
-def labelled_splits(
-    labels: np.ndarray, test_fraction: float, val_fraction: float, label_fraction: float, seed: int,
-    class_names: list[str] | None = None, train_pool: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train, val, test, train_before_label_fraction) index arrays for labelled (downstream) mode.
-
-    Without ``train_pool``: test = test_fraction of all samples (stratified, >= 1 per class), val = val_fraction of
-    the remainder, train = the rest. With ``train_pool`` (the test split is given elsewhere, e.g. a test file or
-    folder) only val is carved from the pool. label_fraction then thins train. Each step has its own seeded stream,
-    so the test split never depends on val_fraction or label_fraction.
-    """
-    labels = np.asarray(labels, np.int64)
-    if train_pool is None:
-        pool, test = carve(np.arange(len(labels)), labels, test_fraction, seed, 0, "test", class_names, need_one=True)
-    else:
-        pool, test = np.asarray(train_pool, np.int64), np.zeros(0, np.int64)
-    full_train, val = carve(pool, labels, val_fraction, seed, 1, "val", class_names)
-    return label_subset(full_train, labels, label_fraction, seed), val, test, full_train
+def id_lists(groups: dict[str, Any]) -> dict[str, list]:
+    """group -> sorted plain-python ids (json-ready): ints for rows, strings for files."""
+    return {g: sorted(v.tolist() if isinstance(v, np.ndarray) else list(v)) for g, v in groups.items()}
 
 
 def target_stats(targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,15 +264,18 @@ class BaseDataModule(L.LightningDataModule):
     target_names, mean, std; in labelled (downstream) mode also test_set (and target_mean/target_std when the data
     has regression targets).
 
-    labelled=False is self-supervised pretraining (labels optional, train/val only). labelled=True is downstream:
-    labels are required, a test split exists and is fixed by ``seed`` alone, and ``label_fraction`` keeps a
-    stratified share of the training labels.
+    Both modes compute one (train, val, test) split of their source, seeded by ``split_seed`` (never by the run's
+    ``seed``, which shuffles batches), so a pretraining run and a downstream run on the same data share the test
+    split. labelled=False is self-supervised pretraining: it fits on train + val (labels optional) and never reads
+    the test split. labelled=True is downstream: labels are required, and it fits on the ``label_fraction`` subset
+    of train, selects on val and reports on test. ``split_record()`` lists the ids of every split and of what the
+    training loader reads ("fit"), so a later run can check that its test images were never pretrained on.
     """
 
     def __init__(
         self, name: str, in_chans: int, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
         stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
-        label_fraction: float = 1.0,
+        label_fraction: float = 1.0, split_seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(in_chans, int) or in_chans < 1:
@@ -288,11 +288,15 @@ class BaseDataModule(L.LightningDataModule):
                               "process).")
         if not _is_int(stats_max_samples) or stats_max_samples < 1:
             raise ConfigError(f"dataset.stats_max_samples={stats_max_samples!r} must be an integer >= 1.")
+        if not _is_int(split_seed):
+            raise ConfigError(f"dataset.split_seed={split_seed!r} must be an integer (it fixes the train/val/test "
+                              "split; the run's seed only shuffles batches).")
         self.name = name
         self.in_chans = in_chans
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.split_seed = int(split_seed)
         self.stats_max_samples = stats_max_samples
         self.labelled = bool(labelled)
         self.test_fraction, self.label_fraction = check_labelled_fractions(test_fraction, label_fraction)
@@ -307,6 +311,7 @@ class BaseDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         self.target_mean: torch.Tensor | None = None
         self.target_std: torch.Tensor | None = None
+        self._split_ids: dict[str, dict[str, list]] | None = None
         self._ready = False
 
     def setup(self, stage: str | None = None) -> None:
@@ -321,6 +326,45 @@ class BaseDataModule(L.LightningDataModule):
     def _require_setup(self) -> None:
         if not self._ready:
             raise RuntimeError(f"{type(self).__name__}: call prepare_data() and setup() before using the data.")
+
+    def _fit_rows(self, train: np.ndarray, val: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        """What the training loader reads: train + val when pretraining, the label_fraction subset of train
+        downstream (seeded by split_seed too, so every seed of a sweep trains on the same labels)."""
+        if self.labelled:
+            return label_subset(train, labels, self.label_fraction, self.split_seed)
+        return np.union1d(train, val).astype(np.int64)
+
+    def _record_splits(self, **splits: dict[str, Any]) -> None:
+        """Keep train / val / test / fit as group -> ids for ``split_record`` (see its docstring)."""
+        missing = {"train", "val", "test", "fit"} - set(splits)
+        if missing:
+            raise ValueError(f"_record_splits needs train, val, test and fit; missing {sorted(missing)}")
+        self._split_ids = {name: id_lists({g: v for g, v in groups.items() if len(v)}) for name, groups in
+                           splits.items()}
+
+    def _split_source(self) -> dict[str, Any]:
+        """What identifies the data (kind, absolute path, size): subclasses name their files or folders."""
+        return {"kind": type(self).__name__, "name": self.name}
+
+    def _split_settings(self) -> dict[str, Any]:
+        """The options besides the fractions and split_seed that decide the split (label and split keys)."""
+        return {}
+
+    def split_record(self) -> dict[str, Any]:
+        """{"source", "splits", "settings"}: which data this mode reads, the ids of its train / val / test splits
+        and of "fit" (exactly what the training loader iterates over), and the options that made them.
+
+        Ids are grouped: HDF5 image key -> row indices, folders "files" -> paths relative to the root, STL-10 part
+        -> indices. Written to splits.json by ssl_lab.data.splits.write_splits."""
+        self._require_setup()
+        if self._split_ids is None:
+            raise RuntimeError(f"{type(self).__name__}: setup recorded no split ids; call self._record_splits().")
+        settings = {
+            "mode": "downstream" if self.labelled else "pretrain", "split_seed": self.split_seed,
+            "test_fraction": self.test_fraction, "val_fraction": getattr(self, "val_fraction", None),
+            "label_fraction": self.label_fraction, "label_key": None, **self._split_settings(),
+        }
+        return {"source": self._split_source(), "splits": self._split_ids, "settings": settings}
 
     def norm_stats(self) -> dict[str, list[float]]:
         self._require_setup()
@@ -418,7 +462,7 @@ class BaseDataModule(L.LightningDataModule):
         out = {
             "name": self.name, "in_chans": self.in_chans, "image_shape": list(self.image_shape),
             "n_train": len(self.train_set), "n_val": len(self.val_set), "num_classes": self.num_classes,
-            "target_names": list(self.target_names), "labelled": self.labelled,
+            "target_names": list(self.target_names), "labelled": self.labelled, "split_seed": self.split_seed,
         }
         if self.labelled:
             out.update(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_lab.data.base import (
-    NAN_POLICIES, BaseDataModule, ChannelStats, check_classes, check_fraction, label_subset, labelled_splits,
-    split_indices, worker_init,
+    NAN_POLICIES, BaseDataModule, ChannelStats, check_classes, check_fraction, check_stratifiable, split_rows,
+    worker_init,
 )
 from ssl_lab.data.block_sampler import BlockStream, block_length, stream_loader, window_bytes
 from ssl_lab.errors import ConfigError, DataError
@@ -130,13 +131,76 @@ class H5Dataset(Dataset):
         return out
 
 
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_FIELD = "{split}"  # replaced by the split name in label_key / target_keys when split_keys is set
+
+
+def check_split_keys(split_keys: Mapping[str, str] | None, split_key: str | None) -> dict[str, str] | None:
+    """A plain {split: image key} dict with a train key, or None; refused together with split_key."""
+    if split_keys is None:
+        return None
+    if split_key is not None:
+        raise ConfigError(
+            f"dataset.split_key={split_key!r} and dataset.split_keys are both set; use one: split_key names a "
+            "per-sample train/val/test tag column, split_keys one image key per split."
+        )
+    example = "e.g. dataset.split_keys={train:train_images,val:val_images,test:test_images}"
+    if not isinstance(split_keys, Mapping):
+        raise ConfigError(f"dataset.split_keys={split_keys!r} must map splits to image keys, {example}.")
+    out = {str(k): v for k, v in split_keys.items()}
+    unknown = sorted(set(out) - set(SPLIT_NAMES))
+    if unknown or "train" not in out:
+        what = f"has unknown splits {unknown}" if unknown else "has no train key"
+        raise ConfigError(f"dataset.split_keys {what}; its keys are train (required), val and test, {example}.")
+    bad = [k for k, v in out.items() if not isinstance(v, str) or not v]
+    if bad or len(set(out.values())) < len(out):
+        raise ConfigError(f"dataset.split_keys={out} must name a different image key (a string) for each split, "
+                          f"{example}.")
+    return {s: out[s] for s in SPLIT_NAMES if s in out}
+
+
+def for_split(key: str, split: str) -> str:
+    """``key`` with {split} replaced by the split name (train_labels from {split}_labels)."""
+    return key.replace(SPLIT_FIELD, split)
+
+
+@dataclass
+class _Part:
+    """One image key this mode reads and what setup learned about it."""
+
+    key: str
+    n: int
+    layout: str
+    dtype: np.dtype
+    chunks: tuple[int, ...] | None
+    row_bytes: int
+    scale: np.ndarray | None
+    offset: np.ndarray | None
+    labels: np.ndarray | None = None
+    label_names: list[str] = field(default_factory=list)
+    targets: np.ndarray | None = None
+    bad_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    row_shape: tuple[int, ...] = ()
+    declared: str = ""  # the layout the file records or the config gives, compared across keys
+    array: np.ndarray | None = None
+    dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
 class H5DataModule(BaseDataModule):
     """Images, labels and targets from one HDF5 file; see the module docstring for why it streams.
 
     ``labelled_path`` names a second file holding the labelled samples (e.g. the CMS E2E unlabelled file for
-    pretraining and a smaller labelled one for downstream). When it is set, label_key/target_keys/split_key refer
-    to that file: pretraining reads only images from ``path`` and labelled mode reads everything from
-    ``labelled_path``. When it is null, both modes read ``path``.
+    pretraining and a smaller labelled one for downstream). When it is set, label_key/target_keys/split_key/
+    split_keys refer to that file: pretraining reads only images from ``path`` (no labels, so no test split) and
+    labelled mode reads everything from ``labelled_path``. When it is null, both modes read ``path``.
+
+    Splits (the same in both modes, see BaseDataModule): ``split_key`` names a per-sample tag column (train/val/test
+    used as given; with only train/val tags the val rows are the test split and val is carved from train);
+    ``split_keys`` maps train/val/test to separate image keys (the MedMNIST layout, ``X_train``/``X_test``), with
+    ``{split}`` in label_key/target_keys standing for the split name; a missing val is carved from train, a missing
+    test leaves the file for pretraining only. Otherwise test_fraction (stratified, when labels are read) and then
+    val_fraction are drawn with split_seed. With split_keys, pretraining fits on the train key alone: the block
+    reader streams one dataset, and the test key is never read for training.
 
     ``read`` picks how the training loader reads the file: ``block`` streams chunk-aligned blocks of
     ``block_samples`` consecutive rows (one slice read each; blocks shuffled, then samples within a window of
@@ -154,9 +218,11 @@ class H5DataModule(BaseDataModule):
         labelled_path: str | None = None, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
         stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
         label_fraction: float = 1.0, read: str = "auto", block_samples: int | None = None, window_blocks: int = 4,
+        split_keys: Mapping[str, str] | None = None, split_seed: int = 0,
     ) -> None:
         super().__init__(
-            name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction
+            name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction,
+            split_seed,
         )
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"dataset.nan_policy={nan_policy!r} is not one of {', '.join(NAN_POLICIES)}.")
@@ -166,6 +232,13 @@ class H5DataModule(BaseDataModule):
         self.image_key, self.label_key, self.target_keys = image_key, label_key, list(target_keys)
         self.layout = str(layout).upper()
         self.split_key, self.val_fraction = split_key, check_fraction(val_fraction)
+        self.split_keys = check_split_keys(split_keys, split_key)
+        templated = [k for k in [label_key, *self.target_keys] if isinstance(k, str) and SPLIT_FIELD in k]
+        if templated and self.split_keys is None:
+            raise ConfigError(
+                f"dataset key {templated[0]!r} contains {SPLIT_FIELD}, which only dataset.split_keys fills in; set "
+                "dataset.split_keys (one image key per split) or name the key itself."
+            )
         self.nan_policy, self.in_memory, self.labelled_path = nan_policy, in_memory, labelled_path
         if read not in READ_MODES:
             raise ConfigError(f"dataset.read={read!r} is not one of {', '.join(READ_MODES)}.")
@@ -181,7 +254,8 @@ class H5DataModule(BaseDataModule):
         self._scale: np.ndarray | None = None
         self._offset: np.ndarray | None = None
         self.facts: dict[str, Any] = {}
-        self.test_indices = np.zeros(0, np.int64)
+        self.train_indices = self.val_indices = self.test_indices = np.zeros(0, np.int64)
+        self.image_keys: dict[str, str] = {}
 
     @property
     def read_mode(self) -> str:
@@ -197,8 +271,17 @@ class H5DataModule(BaseDataModule):
 
     @property
     def _reads_labels(self) -> bool:
-        """Pretraining skips label/target keys when they describe the separate labelled file."""
+        """Pretraining skips label/target/split keys when they describe the separate labelled file."""
         return self.labelled or self.labelled_path is None
+
+    def read_keys(self) -> tuple[str, list[str]]:
+        """(the training image key, every key this mode reads), for the startup inspection."""
+        self._require_setup()
+        keys = list(self.image_keys.values())
+        if self._reads_labels:
+            for split in self.image_keys:
+                keys += [for_split(k, split) for k in [self.label_key, *self.target_keys] if k]
+        return self.image_keys["train"], list(dict.fromkeys(keys))
 
     # ---- validation helpers -------------------------------------------------------------------------------
     def _get(self, f: h5py.File, key: str, option: str) -> h5py.Dataset:
@@ -218,9 +301,9 @@ class H5DataModule(BaseDataModule):
             f"{self.source}: key '{key}' not found; available keys: {listing}. Set {option} to one of them.{hint}"
         )
 
-    def _check_images(self, ds: h5py.Dataset) -> tuple[str, tuple[int, int]]:
+    def _check_images(self, ds: h5py.Dataset, key: str) -> tuple[str, tuple[int, int]]:
         """Return the read layout ("NCHW", "NHWC" or "NHW") and (H, W), or explain what does not match."""
-        where, shape, c_want = f"{self.source}: key '{self.image_key}'", tuple(ds.shape), self.in_chans
+        where, shape, c_want = f"{self.source}: key '{key}'", tuple(ds.shape), self.in_chans
         if ds.dtype.kind not in "uif":
             raise DataError(f"{where} has dtype {ds.dtype}; store images as uint8 or float numbers.")
         if ds.ndim == 3:
@@ -252,18 +335,23 @@ class H5DataModule(BaseDataModule):
             raise DataError(f"{where} holds 0 images (shape {shape}); point dataset.path at a file with data.")
         return layout, (int(hw[0]), int(hw[1]))
 
-    def _column(self, f: h5py.File, key: str, n: int, option: str) -> np.ndarray:
+    def _column(self, f: h5py.File, key: str, n: int, option: str, image_key: str) -> np.ndarray:
         ds = self._get(f, key, option)
         if tuple(ds.shape) not in ((n,), (n, 1)):
+            hint = ""
+            if self.split_keys is not None and option != "dataset.split_key":
+                hint = (f" With dataset.split_keys each split needs its own key: write {SPLIT_FIELD} where the "
+                        f"split name goes, e.g. {option}='{SPLIT_FIELD}_labels' for train_labels, val_labels, ...")
             raise DataError(
-                f"{self.source}: key '{key}' has shape {tuple(ds.shape)} but '{self.image_key}' has {n} images; "
-                f"{option} must name an (N,) or (N, 1) dataset with one value per image."
+                f"{self.source}: key '{key}' has shape {tuple(ds.shape)} but '{image_key}' has {n} images; "
+                f"{option} must name an (N,) or (N, 1) dataset with one value per image.{hint}"
             )
         return ds[()].reshape(n)
 
-    def _labels(self, f: h5py.File, n: int) -> tuple[np.ndarray, list[str]]:
-        raw = self._column(f, self.label_key, n, "dataset.label_key")
-        where = f"{self.source}: key '{self.label_key}'"
+    def _labels(self, f: h5py.File, key: str, n: int, image_key: str) -> tuple[np.ndarray, list[str]]:
+        """Class ids of ``key`` and the class names its attrs (or the file's) list, [] when none."""
+        raw = self._column(f, key, n, "dataset.label_key", image_key)
+        where = f"{self.source}: key '{key}'"
         if raw.dtype.kind not in "iufb":
             raise DataError(f"{where} has dtype {raw.dtype}; labels must be integer class ids 0..K-1.")
         if raw.dtype.kind == "f" and not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
@@ -271,16 +359,15 @@ class H5DataModule(BaseDataModule):
         labels = raw.astype(np.int64)
         if labels.min() < 0:
             raise DataError(f"{where} has negative label {labels.min()}; labels must be class ids 0..K-1.")
-        names = f[self.label_key].attrs.get("class_names", f.attrs.get("class_names"))
+        names = f[key].attrs.get("class_names", f.attrs.get("class_names"))
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in names] if names is not None else []
-        k = max(len(names), int(labels.max()) + 1)
-        if names and len(names) < k:
-            raise DataError(f"{where} has label {k - 1} but attrs class_names lists only {len(names)} classes.")
-        return labels, names or [str(i) for i in range(k)]
+        if names and len(names) <= int(labels.max()):
+            raise DataError(f"{where} has label {labels.max()} but attrs class_names lists only {len(names)} classes.")
+        return labels, names
 
     def _tags(self, f: h5py.File, n: int, split_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boolean masks (train, val, test) from the split_key column: 0/1/2 or 'train'/'val'/'test'."""
-        tags = self._column(f, split_key, n, "dataset.split_key")
+        tags = self._column(f, split_key, n, "dataset.split_key", self.image_key)
         if tags.dtype.kind in "SUO":
             tags = np.array([t.decode() if isinstance(t, bytes) else str(t) for t in tags]).astype(str)
             tags = np.char.lower(np.char.strip(tags))
@@ -295,34 +382,103 @@ class H5DataModule(BaseDataModule):
             )
         return is_train, is_val, is_test
 
-    def _split(
-        self, f: h5py.File, n: int, labels: np.ndarray | None, names: list[str] | None, split_key: str | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(train, val, test, train before label_fraction). Pretraining: train/val only, test-tagged rows unused.
+    def _open_part(
+        self, f: h5py.File, split: str, key: str, first: _Part | None, label_key: str | None, target_keys: list[str],
+        config_layout: str,
+    ) -> _Part:
+        """Check one image key (and its label / target columns) and describe it; ``first`` is the train key, which
+        every other key must match in shape, dtype and layout."""
+        keyed = self.split_keys is not None and self._reads_labels
+        option = f"dataset.split_keys.{split}" if keyed else "dataset.image_key"
+        ds = self._get(f, key, option)
+        declared, scale, offset = self._prepared_attrs(ds)
+        layout = declared or config_layout
+        if first is not None:
+            mine = (tuple(ds.shape[1:]), str(ds.dtype), layout)
+            theirs = (first.row_shape, str(first.dtype), first.declared)
+            if mine != theirs:
+                raise DataError(
+                    f"{self.source}: key '{key}' holds images of shape {mine[0]} ({mine[1]}, layout {mine[2]}) but "
+                    f"'{first.key}' holds {theirs[0]} ({theirs[1]}, layout {theirs[2]}); every key of "
+                    "dataset.split_keys must hold images of one shape, channel count, dtype and layout."
+                )
+        elif declared is not None:
+            if declared != self.layout:
+                log.info("%s: the file records layout %s; using it instead of %s", self.source, declared, self.layout)
+            self.layout = declared
+        read_layout, hw = self._check_images(ds, key)
+        if first is None:
+            self.image_shape = hw
+        n = int(ds.shape[0])
+        part = _Part(key, n, read_layout, ds.dtype, ds.chunks, math.prod(ds.shape[1:]) * ds.dtype.itemsize,
+                     scale, offset, row_shape=tuple(ds.shape[1:]), declared=layout)
+        if label_key is not None:
+            part.labels, part.label_names = self._labels(f, for_split(label_key, split), n, key)
+        if target_keys:
+            names = [for_split(k, split) for k in target_keys]
+            cols = [self._column(f, k, n, "dataset.target_keys", key) for k in names]
+            part.targets = np.stack(cols, axis=1).astype(np.float32)
+            part.bad_targets = np.flatnonzero(~np.isfinite(part.targets).all(axis=1))
+            if len(part.bad_targets) and self.nan_policy != "drop":
+                bad = names[int(np.flatnonzero(~np.isfinite(part.targets[part.bad_targets[0]]))[0])]
+                raise DataError(
+                    f"{self.source}: key '{bad}' has non-finite targets in {len(part.bad_targets)} samples (first at "
+                    f"index {part.bad_targets[0]}); set dataset.nan_policy=drop to remove those samples or fix the "
+                    "file."
+                )
+        if self.in_memory:
+            part.array = ds[()]
+        return part
 
-        Labelled mode with split_key: tags train/val/test are used as given; a file with only train/val tags has
-        its val rows as the test split and val carved from train (as for STL-10 and DeepLense folders).
-        """
-        empty = np.zeros(0, np.int64)
-        if not self.labelled:
-            if split_key is None:
-                train, val = split_indices(n, self.val_fraction, self.seed, labels)
+    def _class_names(self, parts: dict[str, _Part]) -> list[str] | None:
+        """One class list for every key: the train key's attrs names, else 0..K-1 over all keys' labels."""
+        train = parts["train"]
+        if train.labels is None:
+            return None
+        k = max(int(p.labels.max()) + 1 for p in parts.values())
+        if train.label_names:
+            if len(train.label_names) < k:
+                raise DataError(f"{self.source}: a label key has label {k - 1} but the class_names attrs of "
+                                f"'{for_split(self.label_key, 'train')}' list only {len(train.label_names)} classes.")
+            return train.label_names
+        return [str(i) for i in range(k)]
+
+    def _split(self, f: h5py.File, parts: dict[str, _Part], split_key: str | None
+               ) -> dict[str, tuple[str | None, np.ndarray]]:
+        """split -> (part, rows) for train, val and test: the one split both modes share (part None: nothing held
+        out). split_key tags are used as given (with only train/val tags the val rows are the test split and val is
+        carved from train); so are split_keys' keys (a missing val is carved from the train key)."""
+        train = parts["train"]
+        args = (train.labels, self.test_fraction, self.val_fraction, self.split_seed)
+        rows, none = np.arange(train.n, dtype=np.int64), np.zeros(0, np.int64)
+        if len(parts) > 1 or (self.split_keys is not None and self._reads_labels):
+            if "val" in parts:
+                tr, val = rows, ("val", np.arange(parts["val"].n, dtype=np.int64))
             else:
-                is_train, is_val, _ = self._tags(f, n, split_key)
-                train, val = np.flatnonzero(is_train).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
-            return train, val, empty, train
+                tr, va, _ = split_rows(rows, *args, test=none)
+                val = ("train", va)
+            test = ("test", np.arange(parts["test"].n, dtype=np.int64)) if "test" in parts else (None, none)
+            return {"train": ("train", tr), "val": val, "test": test}
         if split_key is None:
-            return labelled_splits(labels, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, names)
-        masks = self._tags(f, n, split_key)
-        tagged_train, tagged_val, tagged_test = (np.flatnonzero(m).astype(np.int64) for m in masks)
-        if len(tagged_test):
-            train = label_subset(tagged_train, labels, self.label_fraction, self.seed)
-            return train, tagged_val, tagged_test, tagged_train
-        train, val, _, full = labelled_splits(
-            labels, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, names,
-            train_pool=tagged_train,
-        )
-        return train, val, tagged_val, full
+            tr, va, te = split_rows(rows, *args)
+        else:
+            tagged_train, tagged_val, tagged_test = (np.flatnonzero(m).astype(np.int64)
+                                                     for m in self._tags(f, train.n, split_key))
+            if len(tagged_test):
+                tr, va, te = tagged_train, tagged_val, tagged_test
+            else:
+                tr, va, te = split_rows(tagged_train, *args, test=tagged_val)
+        return {"train": ("train", tr), "val": ("train", va), "test": ("train", te)}
+
+    def _prepared_attrs(self, ds: h5py.Dataset) -> tuple[str | None, np.ndarray | None, np.ndarray | None]:
+        """(layout, scale, offset) a file written by ssl_lab.prepare records on its image key (None where not)."""
+        declared = ds.attrs.get(LAYOUT_ATTR)
+        if declared is not None:
+            declared = declared.decode() if isinstance(declared, bytes) else str(declared)
+        if SCALE_ATTR not in ds.attrs:
+            return declared, None, None
+        scale = np.asarray(ds.attrs[SCALE_ATTR], np.float32).reshape(-1)
+        return declared, scale, np.asarray(ds.attrs[OFFSET_ATTR], np.float32).reshape(-1)
 
     # ---- streamed scan ------------------------------------------------------------------------------------
     @staticmethod
@@ -333,7 +489,10 @@ class H5DataModule(BaseDataModule):
         rows = min(max(1, target_bytes // row_bytes), max_rows)
         return max(chunk, (rows // chunk) * chunk)
 
-    def _scan(self, ds: Any, n: int, train_idx: np.ndarray, layout: str) -> tuple[ChannelStats, np.ndarray, int, int]:
+    def _scan(
+        self, ds: Any, n: int, train_idx: np.ndarray, layout: str, scale: np.ndarray | None = None,
+        offset: np.ndarray | None = None,
+    ) -> tuple[ChannelStats, np.ndarray, int, int]:
         """One pass over chosen blocks: per-channel stats on up to stats_max_samples train rows, non-finite counts.
 
         Every block is read when samples must be dropped (all bad ones must be known) or the data is in memory;
@@ -371,9 +530,9 @@ class H5DataModule(BaseDataModule):
             blk = ds[s : s + rows]
             if layout == "NHW":
                 blk = blk[:, None]
-            if self._scale is not None:  # quantised by ssl_lab.prepare: stats in the original units
+            if scale is not None:  # quantised by ssl_lab.prepare: stats in the original units
                 shape = (1, -1, 1, 1) if c_axis == 1 else (1, 1, 1, -1)
-                blk = blk.astype(np.float32) * self._scale.reshape(shape) + self._offset.reshape(shape)
+                blk = blk.astype(np.float32) * scale.reshape(shape) + offset.reshape(shape)
             sel = in_stats[s : s + len(blk)]
             scanned += len(blk)
             if blk.dtype.kind == "f" and blk.dtype != np.float32:  # read as float32: beyond its range is Inf
@@ -402,6 +561,14 @@ class H5DataModule(BaseDataModule):
                 f"dataset {self.name!r}: task needs labels: set dataset.label_key=<key> (and "
                 "dataset.labelled_path=<file> if the labels are in another file)."
             )
+        reads_labels = self._reads_labels
+        split_keys = self.split_keys if reads_labels else None  # otherwise they describe the labelled file
+        if self.labelled and split_keys is not None and "test" not in split_keys:
+            raise ConfigError(
+                f"dataset.split_keys={split_keys} has no test key, so a downstream task has no test split to report "
+                "on; add test: <image key> to dataset.split_keys, or use dataset.split_key (a tag column) or "
+                "dataset.test_fraction (split_keys=null) instead."
+            )
         if not path.is_file():
             raise DataError(f"{path}: file not found; check {option} (relative paths start at the run directory).")
         if self.labelled_path is not None and not Path(str(self.labelled_path)).expanduser().is_file():
@@ -410,91 +577,106 @@ class H5DataModule(BaseDataModule):
             f = h5py.File(path, "r")
         except OSError as e:
             raise DataError(f"{path}: cannot be opened as HDF5 ({e}); check {option} points to an HDF5 file.")
-        reads_labels = self._reads_labels
         label_key = self.label_key if reads_labels else None
         target_keys = self.target_keys if reads_labels else []
+        split_key = self.split_key if reads_labels else None
+        self.image_keys = dict(split_keys) if split_keys else {"train": self.image_key}
+        if split_keys and self.image_key not in split_keys.values():
+            log.info("%s: dataset.image_key=%s is not read: dataset.split_keys names the image keys", path,
+                     self.image_key)
+        config_layout = self.layout
         with f:
-            ds = self._get(f, self.image_key, "dataset.image_key")
-            self._read_prepared_attrs(ds)
-            layout, self.image_shape = self._check_images(ds)
-            n = int(ds.shape[0])
-            labels = names = targets = None
-            if label_key is not None:
-                labels, names = self._labels(f, n)
-                if self.labelled:
-                    check_classes(labels, f"{path}: key '{label_key}'", "Check dataset.label_key, or add samples of "
-                                  "the other classes to the file.")
-            bad_targets = np.zeros(0, np.int64)
-            if target_keys:
-                cols = [self._column(f, k, n, "dataset.target_keys") for k in target_keys]
-                targets = np.stack(cols, axis=1).astype(np.float32)
-                bad_targets = np.flatnonzero(~np.isfinite(targets).all(axis=1))
-                if len(bad_targets) and self.nan_policy != "drop":
-                    key = target_keys[int(np.flatnonzero(~np.isfinite(targets[bad_targets[0]]))[0])]
-                    raise DataError(
-                        f"{path}: key '{key}' has non-finite targets in {len(bad_targets)} samples (first at index "
-                        f"{bad_targets[0]}); set dataset.nan_policy=drop to remove those samples or fix the file."
-                    )
-            split_key = self.split_key if reads_labels else None  # otherwise the tags describe the labelled file
-            train_idx, val_idx, test_idx, full_train = self._split(f, n, labels, names, split_key)
-            if len(train_idx) == 0:
+            parts: dict[str, _Part] = {}
+            for split, key in self.image_keys.items():
+                parts[split] = self._open_part(f, split, key, parts.get("train"), label_key, target_keys,
+                                               config_layout)
+            train = parts["train"]
+            names = self._class_names(parts)
+            if self.labelled:
+                check_classes(train.labels, f"{path}: key '{for_split(label_key, 'train')}'",
+                              "Check dataset.label_key, or add samples of the other classes to the file.")
+                if split_key is None and split_keys is None:  # the test split is drawn: one per class at least
+                    check_stratifiable(train.labels, names)
+            where = self._split(f, parts, split_key)
+            same_key_val = where["val"][1] if where["val"][0] == "train" else np.zeros(0, np.int64)
+            fit = self._fit_rows(where["train"][1], same_key_val, train.labels)
+            if len(fit) == 0:
                 raise DataError(
                     f"{path}: the train split is empty; check dataset.split_key, dataset.val_fraction or "
                     "dataset.test_fraction."
                 )
-            array = None
-            if self.in_memory:
-                array = ds[()]
-            cache = ds.chunks and math.prod(ds.chunks) * ds.dtype.itemsize
-            # image stats use every training image (label_fraction limits labels, not images); rows that drop
-            # will remove never enter them
-            usable = np.setdiff1d(full_train, bad_targets)
-            stats, bad, bad_pixels, scanned = self._scan(array if array is not None else ds, n, usable, layout)
-            dtype = ds.dtype
-            chunks = ds.chunks
-            row_bytes = math.prod(ds.shape[1:]) * ds.dtype.itemsize
-        self.block = block_length(chunks[0] if chunks else None, row_bytes, self.block_samples)
-        if len(bad) and self.nan_policy == "error":
-            raise DataError(
-                f"{path}: key '{self.image_key}' has non-finite (NaN/Inf) pixels in {len(bad)} of {scanned} samples "
-                f"scanned (first at index {bad[0]}); set dataset.nan_policy=zero to replace them by 0 or "
-                "dataset.nan_policy=drop to remove those samples."
-            )
-        dropped = np.union1d(bad, bad_targets) if self.nan_policy == "drop" else np.zeros(0, np.int64)
-        if len(dropped):
-            train_idx, val_idx = np.setdiff1d(train_idx, dropped), np.setdiff1d(val_idx, dropped)
-            test_idx = np.setdiff1d(test_idx, dropped)
-            log.warning("%s: dropped %d samples with non-finite pixels or targets", path, len(dropped))
-            if len(train_idx) == 0:
-                raise DataError(f"{path}: every train sample has non-finite values; nothing is left to train on.")
-        elif len(bad):
-            log.warning(
-                "%s: replaced %d non-finite pixels in %d of %d scanned samples by 0 (unscanned samples are "
-                "zeroed at read time too)", path, bad_pixels, len(bad), scanned,
-            )
-        scale = 1 / 255 if dtype == np.uint8 and self._scale is None else 1.0
-        self.mean, self.std = stats.result(scale)
+            # image stats: every training image of the train key (label_fraction limits labels, not images); rows
+            # that drop will remove never enter them. The other keys are scanned for NaN/Inf only.
+            stat_rows = where["train"][1] if self.labelled else fit
+            scans = {}
+            for split, part in parts.items():
+                pool = np.setdiff1d(stat_rows if split == "train" else np.arange(part.n), part.bad_targets)
+                scans[split] = self._scan(part.array if part.array is not None else f[part.key], part.n, pool,
+                                          part.layout, part.scale, part.offset)
+        totals = {"bad": 0, "pixels": 0, "scanned": 0, "dropped": 0}
+        for split, part in parts.items():
+            _, bad, bad_pixels, scanned = scans[split]
+            if len(bad) and self.nan_policy == "error":
+                raise DataError(
+                    f"{path}: key '{part.key}' has non-finite (NaN/Inf) pixels in {len(bad)} of {scanned} samples "
+                    f"scanned (first at index {bad[0]}); set dataset.nan_policy=zero to replace them by 0 or "
+                    "dataset.nan_policy=drop to remove those samples."
+                )
+            if self.nan_policy == "drop":
+                part.dropped = np.union1d(bad, part.bad_targets).astype(np.int64)
+                if len(part.dropped):
+                    log.warning("%s: key '%s': dropped %d samples with non-finite pixels or targets", path, part.key,
+                                len(part.dropped))
+            elif len(bad):
+                log.warning(
+                    "%s: key '%s': replaced %d non-finite pixels in %d of %d scanned samples by 0 (unscanned samples "
+                    "are zeroed at read time too)", path, part.key, bad_pixels, len(bad), scanned,
+                )
+            for k, v in zip(totals, (len(bad), bad_pixels, scanned, len(part.dropped))):
+                totals[k] += v
+        kept = lambda name, rows: rows if name is None else np.setdiff1d(rows, parts[name].dropped)  # noqa: E731
+        where = {s: (name, kept(name, rows)) for s, (name, rows) in where.items()}
+        fit = kept("train", fit)
+        if len(fit) == 0:
+            raise DataError(f"{path}: every train sample has non-finite values; nothing is left to train on.")
+        stats, self._scale, self._offset = scans["train"][0], train.scale, train.offset
+        self.mean, self.std = stats.result(1 / 255 if train.dtype == np.uint8 and train.scale is None else 1.0)
         self.num_classes = len(names) if names is not None else None
         self.class_names = names
-        self.target_names = list(target_keys)
-        self.train_indices, self.val_indices, self.test_indices = train_idx, val_idx, test_idx
-        self._set_target_stats(None if targets is None else targets[train_idx])
-        cache_bytes = int(min(512 << 20, max(1 << 20, 2 * (cache or 0))))
-        make = lambda idx: H5Dataset(  # noqa: E731
-            str(path), self.image_key, idx, layout, labels, targets, self.nan_policy, array, cache_bytes,
-            self._scale, self._offset,
-        )
-        self.train_set, self.val_set = make(train_idx), make(val_idx)
-        self.test_set = make(test_idx) if self.labelled else None
+        self.target_names = [for_split(k, "").strip("_-./") or k for k in target_keys]
+        self.train_indices, self.val_indices, self.test_indices = fit, where["val"][1], where["test"][1]
+        self._set_target_stats(None if train.targets is None else train.targets[fit])
+
+        def make(name: str, rows: np.ndarray) -> H5Dataset:
+            part = parts[name]
+            cache = int(min(512 << 20, max(1 << 20, 2 * (part.chunks and math.prod(part.chunks) * part.dtype.itemsize
+                                                          or 0))))
+            return H5Dataset(str(path), part.key, rows, part.layout, part.labels, part.targets, self.nan_policy,
+                             part.array, cache, part.scale, part.offset)
+
+        self.train_set, self.val_set = make("train", fit), make(*where["val"])
+        self.test_set = make(*where["test"]) if self.labelled else None
+        group = lambda name, rows: {} if name is None else {parts[name].key: rows}  # noqa: E731
+        self._record_splits(**{s: group(*where[s]) for s in SPLIT_NAMES}, fit={train.key: fit})
+        resolved = path.resolve()
+        self._source = {"kind": "hdf5", "path": str(resolved), "bytes": resolved.stat().st_size,
+                        "image_keys": sorted(self.image_keys.values())}
+        self._settings = {"label_key": label_key, "target_keys": list(target_keys), "split_key": split_key,
+                          "split_keys": split_keys}
+        self.block = block_length(train.chunks[0] if train.chunks else None, train.row_bytes, self.block_samples)
         self.facts = {
-            "path": str(path), "image_key": self.image_key, "layout": self.layout, "dtype": str(dtype),
-            "n_images": n, "split": f"split_key={split_key}" if split_key else "seeded",
-            "nan_policy": self.nan_policy, "nan_scanned_samples": scanned, "nan_samples_found": len(bad),
-            "nan_pixels_replaced": bad_pixels if self.nan_policy == "zero" else 0, "dropped": len(dropped),
+            "path": str(path), "image_key": train.key, "layout": self.layout, "dtype": str(train.dtype),
+            "n_images": sum(p.n for p in parts.values()),
+            "split": f"split_key={split_key}" if split_key else "split_keys" if split_keys else "seeded",
+            "nan_policy": self.nan_policy, "nan_scanned_samples": totals["scanned"],
+            "nan_samples_found": totals["bad"],
+            "nan_pixels_replaced": totals["pixels"] if self.nan_policy == "zero" else 0, "dropped": totals["dropped"],
             "stats_samples": stats.samples, "in_memory": self.in_memory, "labelled_path": self.labelled_path,
-            "quantised": self._scale is not None, "chunks": list(chunks) if chunks else None,
+            "quantised": train.scale is not None, "chunks": list(train.chunks) if train.chunks else None,
             "read": self.read_mode, "block_samples": self.block, "window_blocks": self.window_blocks,
         }
+        if split_keys:
+            self.facts["split_keys"] = dict(split_keys)
         if self.read_mode == "block":
             # decoded float32 rows; +1 block: the carry and the batch being cut
             held = window_bytes(self.block, self.in_chans * math.prod(self.image_shape) * 4, self.window_blocks + 1,
@@ -508,18 +690,11 @@ class H5DataModule(BaseDataModule):
                     self.window_blocks, self.block,
                 )
 
-    def _read_prepared_attrs(self, ds: h5py.Dataset) -> None:
-        """A file written by ssl_lab.prepare records its layout and, for uint8, the scale/offset to undo."""
-        self._scale = self._offset = None
-        declared = ds.attrs.get(LAYOUT_ATTR)
-        if declared is not None:
-            declared = declared.decode() if isinstance(declared, bytes) else str(declared)
-            if declared != self.layout:
-                log.info("%s: the file records layout %s; using it instead of %s", self.source, declared, self.layout)
-            self.layout = declared
-        if SCALE_ATTR in ds.attrs:
-            self._scale = np.asarray(ds.attrs[SCALE_ATTR], np.float32).reshape(-1)
-            self._offset = np.asarray(ds.attrs[OFFSET_ATTR], np.float32).reshape(-1)
+    def _split_source(self) -> dict[str, Any]:
+        return dict(self._source)
+
+    def _split_settings(self) -> dict[str, Any]:
+        return dict(self._settings)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         """Block mode replaces the training loader only (see the class docstring)."""

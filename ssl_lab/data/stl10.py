@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ssl_lab.data.base import BaseDataModule, ChannelStats, check_fraction, labelled_splits
+from ssl_lab.data.base import BaseDataModule, ChannelStats, check_fraction, split_rows
 from ssl_lab.errors import ConfigError, DataError
 
 IMAGE_BYTES = 3 * 96 * 96
@@ -65,19 +65,22 @@ class STL10Dataset(Dataset):
 
 
 class STL10DataModule(BaseDataModule):
-    """Pretraining: train on ``split`` (unlabeled, train, or both), validate on the labelled test set.
+    """The official test set (8000) is the test split in both modes and never read for training.
 
-    Labelled mode: the official train set (5000) gives train plus a stratified val_fraction as val, and the
-    official test set (8000) is the test split; ``split`` and ``test_fraction`` play no part there.
+    Each part gives train plus val_fraction as val (stratified for the labelled train part, seeded by split_seed),
+    the same in both modes. Pretraining fits on every image of ``split`` (unlabeled, train, or both: train + val).
+    Labelled mode fits on the label_fraction subset of the train part's train split; ``split`` and
+    ``test_fraction`` play no part there.
     """
 
     def __init__(
         self, name: str, root: str, in_chans: int = 3, split: str = "unlabeled", batch_size: int = 64,
         num_workers: int = 2, seed: int = 0, stats_max_samples: int = 4096, labelled: bool = False,
-        test_fraction: float = 0.2, label_fraction: float = 1.0, val_fraction: float = 0.1,
+        test_fraction: float = 0.2, label_fraction: float = 1.0, val_fraction: float = 0.1, split_seed: int = 0,
     ) -> None:
         super().__init__(
-            name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction
+            name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction,
+            split_seed,
         )
         if split not in SPLITS:
             raise ConfigError(f"dataset.split={split!r} is not one of {', '.join(SPLITS)}.")
@@ -110,28 +113,34 @@ class STL10DataModule(BaseDataModule):
         names = names_file.read_text().split() if names_file.is_file() else []
         self.class_names = names if len(names) == 10 else list(CLASS_NAMES)
         self.num_classes, self.image_shape, self.target_names = 10, (96, 96), []
-        if self.labelled:
-            train_file, train_n = self._images("train")
-            y = self._labels("train", train_n)
-            test_file, test_n = self._images("test")
-            test = STL10Dataset([test_file], [test_n], self._labels("test", test_n))
-            train, val, _, _ = labelled_splits(
-                y, self.test_fraction, self.val_fraction, self.label_fraction, self.seed, self.class_names,
-                train_pool=np.arange(train_n),
-            )
-            pool = STL10Dataset([train_file], [train_n], y)
-            self.train_set = STL10Dataset([train_file], [train_n], y, train)
-            self.val_set = STL10Dataset([train_file], [train_n], y, val)
-            self.test_set = test
-            self.mean, self.std = self._stats(pool)  # every train image: label_fraction limits labels only
-            return
-        parts = SPLITS[self.split]
-        files, counts = zip(*(self._images(p) for p in parts))
-        labels = self._labels("train", counts[0]) if parts == ["train"] else None
+        parts = ["train"] if self.labelled else SPLITS[self.split]
+        files, counts = (list(v) for v in zip(*(self._images(p) for p in parts)))
+        labels = {p: self._labels(p, n) for p, n in zip(parts, counts) if p == "train"}
         test_file, test_n = self._images("test")
-        self.train_set = STL10Dataset(list(files), list(counts), labels)
-        self.val_set = STL10Dataset([test_file], [test_n], self._labels("test", test_n))
-        self.mean, self.std = self._stats(self.train_set)
+        test_labels = self._labels("test", test_n)
+        offsets = np.cumsum([0, *counts])
+        train, val, fit = {}, {}, {}
+        for part, n in zip(parts, counts):
+            y = labels.get(part)  # the official test file is the test split: nothing is drawn from this part
+            train[part], val[part], _ = split_rows(np.arange(n), y, self.test_fraction, self.val_fraction,
+                                                   self.split_seed, test=np.zeros(0, np.int64))
+            fit[part] = self._fit_rows(train[part], val[part], y)
+        concat = lambda rows: np.concatenate([rows[p] + offsets[i] for i, p in enumerate(parts)])  # noqa: E731
+        all_labels = labels["train"] if parts == ["train"] else None
+        self.train_set = STL10Dataset(files, counts, all_labels, concat(fit))
+        self.val_set = STL10Dataset(files, counts, all_labels, concat(val))
+        self.test_set = STL10Dataset([test_file], [test_n], test_labels) if self.labelled else None
+        self._record_splits(train=train, val=val, test={"test": np.arange(test_n)}, fit=fit)
+        # image stats: every image of the parts read (label_fraction limits labels, not images)
+        self.mean, self.std = self._stats(STL10Dataset(files, counts, all_labels))
+
+    def _split_source(self) -> dict[str, Any]:
+        d = Path(str(self.root)).expanduser().resolve() / "stl10_binary"
+        sizes = {f.name: f.stat().st_size for f in sorted(d.glob("*_X.bin"))}
+        return {"kind": "stl10", "root": str(d.parent), "files": sizes}
+
+    def _split_settings(self) -> dict[str, Any]:
+        return {"split": "train" if self.labelled else self.split, "test": "official test set"}
 
     def _stats(self, ds: STL10Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Stats of x/255 over a seeded random sample of the training images, read in sorted blocks."""
@@ -150,4 +159,5 @@ class STL10DataModule(BaseDataModule):
     def _summary_extra(self) -> dict[str, Any]:
         if self.labelled:
             return {"root": str(self.root), "split": "train", "val": f"{self.val_fraction} of train", "test": "test"}
-        return {"root": str(self.root), "split": self.split, "val": "test"}
+        return {"root": str(self.root), "split": self.split, "val": f"{self.val_fraction} of {self.split}",
+                "test": "test (not read)"}

@@ -8,6 +8,7 @@ often sorted by class and the first rows alone would mislead.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ LABEL_NAMES = ("labels", "label", "y", "class", "classes", "targets_class")
 # attribute names ssl_lab.data.h5 reads (written by python -m ssl_lab.prepare); not imported from there because
 # that module loads torch, which would make this command take seconds to start
 LAYOUT_ATTR, SCALE_ATTR = "ssl_lab_layout", "ssl_lab_scale"
+SPLIT_NAMES = ("train", "val", "test")  # as dataset.split_keys names them; {split} stands for one in a key name
+_SEPARATORS = re.compile(r"([_\-/.])")
 
 
 def _text(v: Any) -> str:
@@ -163,6 +166,64 @@ def assign_roles(keys: list[dict[str, Any]], image_key: str | None = None) -> di
     }
 
 
+def split_template(key: str) -> tuple[str, str] | None:
+    """(split, template) when ``key`` starts or ends with a split name: train_images -> ("train", "{split}_images"),
+    X_test -> ("test", "X_{split}"); None otherwise."""
+    words = _SEPARATORS.split(key)
+    hits = [i for i, w in enumerate(words) if w in SPLIT_NAMES]
+    if len(hits) != 1 or hits[0] not in (0, len(words) - 1):
+        return None
+    split, words[hits[0]] = words[hits[0]], "{split}"
+    return split, "".join(words)
+
+
+def split_layout(keys: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A file that stores its splits as separate keys (train_images / test_images, X_train / X_test): the image key
+    of each split, and the label and target key templates whose columns hold one value per image of each split.
+
+    Image keys qualify when a train key and at least one other split share a template and agree in shape (but the
+    row count) and dtype; None when no such keys exist."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for info in keys:
+        found = split_template(info["key"])
+        if found:
+            groups.setdefault(found[1], {})[found[0]] = info
+    candidates = [
+        (math.prod(members["train"]["shape"]), template, members) for template, members in groups.items()
+        if "train" in members and len(members) > 1 and all(m["role"] == "image" for m in members.values())
+        and len({(tuple(m["shape"][1:]), m["dtype"]) for m in members.values()}) == 1
+    ]
+    if not candidates:
+        return None
+    _, image_template, images = max(candidates, key=lambda c: c[0])
+    rows = {split: info["shape"][0] for split, info in images.items()}
+    labels, targets = [], []
+    for template, members in groups.items():
+        columns = {split: members.get(split) for split in images}
+        if template == image_template or any(
+                m is None or "stats" not in m or not _is_column(tuple(m["shape"])) for m in columns.values()):
+            continue
+        roles = {_column_role(m, rows[split]) for split, m in columns.items()}
+        if roles == {"label"}:
+            labels.append((template, columns))
+        elif roles == {"target"}:
+            targets.append((template, columns))
+    labels.sort(key=lambda t: for_split_name(t[0]).lower() not in LABEL_NAMES)
+    return {"split_keys": {split: images[split]["key"] for split in SPLIT_NAMES if split in images},
+            "images": images, "label": labels[0] if labels else None, "targets": targets}
+
+
+def for_split_name(template: str) -> str:
+    """The template's name without its split part ("{split}_labels" -> "labels"), to rank label candidates."""
+    return template.replace("{split}", "").strip("_-./")
+
+
+def _quoted(value: str) -> str:
+    """An override value holding {split}: in double quotes, which Hydra reads as a plain string (bare braces would
+    start a dict) and the shell leaves alone inside the single quotes command_line puts around the word."""
+    return f'"{value}"' if not set(value) & set('"\\\'') else hydra_value(value)
+
+
 def key_findings(info: dict[str, Any]) -> list[dict[str, str]]:
     """NaN/Inf (per channel for images), constant channels and the value range of one key."""
     key, out = info["key"], []
@@ -201,20 +262,37 @@ def key_findings(info: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def suggestion(path: Path, roles: dict[str, Any]) -> tuple[str | None, list[str]]:
-    """A `python run.py dataset=lens_h5 ...` line that loads this file, and notes on the choices it made."""
+def suggestion(path: Path, roles: dict[str, Any], splits: dict[str, Any] | None = None
+               ) -> tuple[str | None, list[str]]:
+    """A `python run.py dataset=lens_h5 ...` line that loads this file, and notes on the choices it made.
+
+    ``splits`` (from split_layout): the file keeps its splits in separate keys, and the line sets
+    dataset.split_keys with {split} templates for the label and target keys instead of one image key."""
     image = roles["image"]
     if image is None:
         return None, ["no image-like key (a rank 3 or 4 numeric array, N x C x H x W or N x H x W x C)"]
     label, targets = roles["label"], roles["targets"]
-    words = ["python", "run.py", "dataset=lens_h5", f"dataset.path={hydra_value(str(path))}",
-             f"dataset.image_key={hydra_value(image['key'])}", f"dataset.in_chans={image['channels']}",
-             f"dataset.layout={'NCHW' if image['layout'] == 'NHW' else image['layout']}",
-             f"dataset.label_key={hydra_value(label['key']) if label else 'null'}"]
+    words = ["python", "run.py", "dataset=lens_h5", f"dataset.path={hydra_value(str(path))}"]
     notes = []
-    if targets:
-        words.append(f"dataset.target_keys=[{','.join(hydra_value(t['key']) for t in targets)}]")
-    if roles["split"] is not None:
+    if splits is not None:
+        mapping = ",".join(f"{s}:{hydra_value(k)}" for s, k in splits["split_keys"].items())
+        words.append(f"dataset.split_keys={{{mapping}}}")
+        label_word = _quoted(splits["label"][0]) if splits["label"] else "null"
+        target_words = [_quoted(t) for t, _ in splits["targets"]]
+        if "val" not in splits["split_keys"]:
+            notes.append("no val key: val is carved from the train key by dataset.val_fraction")
+        if "test" not in splits["split_keys"]:
+            notes.append("no test key: the file serves pretraining only (downstream tasks report on a test split)")
+    else:
+        words.append(f"dataset.image_key={hydra_value(image['key'])}")
+        label_word = hydra_value(label["key"]) if label else "null"
+        target_words = [hydra_value(t["key"]) for t in targets]
+    words += [f"dataset.in_chans={image['channels']}",
+              f"dataset.layout={'NCHW' if image['layout'] == 'NHW' else image['layout']}",
+              f"dataset.label_key={label_word}"]
+    if target_words:
+        words.append(f"dataset.target_keys=[{','.join(target_words)}]")
+    if roles["split"] is not None and splits is None:
         words.append(f"dataset.split_key={hydra_value(roles['split']['key'])}")
     if any(t["nan"] or t["inf"] for t in targets):
         words.append("dataset.nan_policy=drop")
@@ -226,8 +304,10 @@ def suggestion(path: Path, roles: dict[str, Any]) -> tuple[str | None, list[str]
                      "drop leaves those samples out, error stops at the first one")
     if image.get("layout_ambiguous"):
         notes.append(f"layout {image['layout']} is a guess from shape {tuple(image['shape'])}; check it")
+    split_images = set(splits["split_keys"].values()) if splits else set()
     for other in roles["others"]:
-        notes.append(f"'{other['key']}' is image-like too: use dataset.image_key={other['key']} to train on it")
+        if other["key"] not in split_images:
+            notes.append(f"'{other['key']}' is image-like too: use dataset.image_key={other['key']} to train on it")
     for other in roles["other_labels"]:
         notes.append(f"'{other['key']}' looks like labels too")
     if label is None:
@@ -276,6 +356,15 @@ def inspect_h5(
             except (OSError, ValueError) as e:  # e.g. a compression filter this h5py lacks, a damaged chunk
                 info["error"] = str(e)
     roles = assign_roles(infos, image_key)
+    splits = split_layout(infos)
+    if splits is not None:  # the train key is the image key; its label and target columns are the train split's
+        roles["image"] = splits["images"]["train"]
+        roles["label"] = splits["label"][1]["train"] if splits["label"] else None
+        roles["targets"] = [columns["train"] for _, columns in splits["targets"]]
+        for role, found in [("label", [splits["label"]] if splits["label"] else []), ("target", splits["targets"])]:
+            for _, columns in found:
+                for info in columns.values():
+                    info["role"] = role
     findings = [x for info in infos for x in key_findings(info)]
     if roles["label"] is not None:
         findings += class_balance(f"labels '{roles['label']['key']}'", roles["label"]["classes"],
@@ -284,12 +373,15 @@ def inspect_h5(
         if info["role"] == "other" and info.get("integral") and info.get("classes") and (info["nan"] or info["inf"]):
             findings.append(finding(WARNING, f"'{info['key']}' looks like class labels but holds NaN/Inf; "
                                              "dataset.label_key cannot use it until they are fixed"))
-    line, notes = suggestion(p, roles)
+    line, notes = suggestion(p, roles, splits)
     return {
         "kind": "hdf5", "path": str(p), "bytes": p.stat().st_size, "keys": infos,
         "image_key": roles["image"]["key"] if roles["image"] else None,
         "label_key": roles["label"]["key"] if roles["label"] else None,
         "target_keys": [t["key"] for t in roles["targets"]],
-        "split_key": roles["split"]["key"] if roles["split"] else None,
+        "split_key": roles["split"]["key"] if roles["split"] and splits is None else None,
+        "split_keys": splits["split_keys"] if splits else None,
+        "split_label_key": splits["label"][0] if splits and splits["label"] else None,
+        "split_target_keys": [t for t, _ in splits["targets"]] if splits else [],
         "findings": findings, "suggestion": line, "suggestion_notes": notes,
     }

@@ -25,11 +25,9 @@ STARTUP_FILES = 256  # files of a folder decoded
 def _h5_report(dm: Any, max_rows: int, max_bytes: int) -> dict[str, Any]:
     """The file and keys this mode reads: labelled_path's in labelled mode when set (see H5DataModule)."""
     use_labelled = dm.labelled and dm.labelled_path is not None
-    keys = [dm.image_key]
-    if dm.labelled or dm.labelled_path is None:
-        keys += ([dm.label_key] if dm.label_key else []) + list(dm.target_keys)
+    image_key, keys = dm.read_keys()  # with split_keys: every split's image, label and target keys
     return inspect_h5(dm.labelled_path if use_labelled else dm.path, sample=max_rows, max_bytes=max_bytes,
-                      keys=keys, image_key=dm.image_key, layout=dm.layout)
+                      keys=keys, image_key=image_key, layout=dm.layout)
 
 
 def _per_channel(stats: list[dict[str, Any]], field: str) -> str:

@@ -14,6 +14,7 @@ from ssl_lab.artifacts import write_json
 from ssl_lab.callbacks import BackboneExport, SpeedMeter
 from ssl_lab.checkpoint_io import prepare_resume
 from ssl_lab.config import validate, view_size
+from ssl_lab.data.splits import write_splits
 from ssl_lab.evaluation.plots import plot_curves
 from ssl_lab.evaluation.report import write_report
 from ssl_lab.guards import build_guard
@@ -83,6 +84,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         log.info("optim.lr_scaling=%s: lr %g -> %g for a global batch of %d (base %d)", scale["lr_scaling"],
                  scale["base_lr"], scale["lr"], global_batch, scale["base_batch_size"])
     saved = save_config(cfg, run_dir, precision, scale=scale)
+    write_splits(run_dir, datamodule)  # which images pretraining fits on: downstream runs check their test split
     for logger in loggers:
         logger.log_hyperparams(saved)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
