@@ -119,6 +119,21 @@ class PerChannelIntensity:
         return x * gain + offset * self.std
 
 
+class PerChannelGamma:
+    """Our ``gamma`` op per sample: torchvision's adjust_gamma assumes a [0, 1] range, ours uses each channel's own."""
+
+    def __init__(self, p: float, gamma: tuple[float, float]) -> None:
+        self.p, self.gamma = p, gamma
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return x
+        g = self.gamma[0] + (self.gamma[1] - self.gamma[0]) * torch.rand(x.shape[0], 1, 1)
+        lo = x.amin(dim=(-2, -1), keepdim=True)
+        span = (x.amax(dim=(-2, -1), keepdim=True) - lo).clamp_min(1e-12)
+        return lo + span * ((x - lo) / span).clamp(0, 1).pow(g)
+
+
 class RandomChannelDrop:
     """Our ``channel_drop`` op per sample. torchvision's RandomErasing blanks a box in all channels, not a channel."""
 
@@ -179,6 +194,9 @@ def reference_transform(augment: Any, size: int, image_size: int, uint8: bool) -
         prm = ops["intensity"]
         t.append(PerChannelIntensity(prm["p"], prm["scale"], prm["shift"], std))
         notes["intensity"] = "no torchvision op: per-sample per-channel gain/offset written here"
+    if "gamma" in ops:
+        t.append(PerChannelGamma(ops["gamma"]["p"], ops["gamma"]["gamma"]))
+        notes["gamma"] = "no torchvision op for any range: per-sample per-channel min-max gamma written here"
     if "blur" in ops:
         prm = ops["blur"]
         k = prm["kernel_size"] or 2 * math.ceil(3.0 * prm["sigma"][1]) + 1

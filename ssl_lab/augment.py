@@ -8,7 +8,7 @@ an op skips get identity parameters, so there is no Python loop over samples and
 Pipeline (fixed order, whatever the order of ``ops`` in the config):
 uint8 -> float/255 (float stays in raw units) -> geometry (resized_crop, hflip, vflip, rot90, rotate composed into ONE
 affine per view, one ``affine_grid`` + ``grid_sample``) -> colour (color_jitter, grayscale, solarize; RGB only)
--> intensity -> blur -> normalise (mean/std) -> noise -> channel_drop.
+-> intensity -> gamma -> blur -> normalise (mean/std) -> noise -> channel_drop.
 
 Op parameters and defaults (an op absent from ``ops`` is off; ``p: 0`` also turns it off; ``op: null`` in YAML means
 "on, with defaults"):
@@ -25,6 +25,8 @@ grayscale     p=0.2
 solarize      p=0.2, threshold=0.5 (in [0, 1] pixel units)
 intensity     p=0.8, scale=[0.8, 1.2] (per sample, per channel factor), shift=[0.0, 0.0] (per sample, per channel,
               in units of that channel's std from ``set_stats``, so one preset fits data in any units)
+gamma         p=0.5, gamma=[0.7, 1.5] (per sample, per channel: the image rescaled to [0, 1] by its own min and max,
+              raised to gamma, scaled back; contrast changes while the range stays, in any units; flat channels stay)
 blur          p=0.5, sigma=[0.1, 2.0] (pixels of the output view), kernel_size=None (-> 2*ceil(3*sigma_hi)+1, odd)
 noise         p=0.5, std=[0.0, 0.1] (Gaussian, in normalised units, per sample std)
 channel_drop  p=0.2 (one channel set to 0 = the channel mean after normalisation; no-op for C == 1)
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 
 RGB_ONLY = frozenset({"color_jitter", "grayscale", "solarize"})
 GEOMETRIC = ("resized_crop", "hflip", "vflip", "rot90", "rotate")
-OPS = (*GEOMETRIC, "color_jitter", "grayscale", "solarize", "intensity", "blur", "noise", "channel_drop")
+OPS = (*GEOMETRIC, "color_jitter", "grayscale", "solarize", "intensity", "gamma", "blur", "noise", "channel_drop")
 
 # grid_sample padding. Without `rotate`, every sampling point lies inside the image box by construction (crops never
 # leave the image, flips and 90-degree turns map the square onto itself), so padding only decides the outer half-pixel
@@ -147,6 +149,7 @@ SPECS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
     "solarize": {"p": (0.2, _prob), "threshold": (0.5, _unit)},
     "intensity": {"p": (0.8, _prob), "scale": ((0.8, 1.2), _pair(0.0, _INF)),
                   "shift": ((0.0, 0.0), _pair(-_INF, _INF))},
+    "gamma": {"p": (0.5, _prob), "gamma": ((0.7, 1.5), _pair(0.0, _INF, True))},
     "blur": {"p": (0.5, _prob), "sigma": ((0.1, 2.0), _pair(0.0, _INF, True)), "kernel_size": (None, _kernel)},
     "noise": {"p": (0.5, _prob), "std": ((0.0, 0.1), _pair(0.0, _INF))},
     "channel_drop": {"p": (0.2, _prob)},
@@ -438,6 +441,7 @@ class Augment(nn.Module):
             if c == 3:
                 y = self._colour(y, draws)
             y = self._intensity(y, draws)
+            y = self._gamma(y, draws)
             y = self._blur(y, draws)
             y = self._normalise(y)
             y = self._noise(y, draws)
@@ -521,6 +525,21 @@ class Augment(nn.Module):
         scale = 1.0 + on * (_lerp(u[:, 1:1 + c], prm["scale"]) - 1.0)
         shift = on * _lerp(u[:, 1 + c:], prm["shift"]) * self._std(y)
         return y * scale.view(n, c, 1, 1) + shift.view(n, c, 1, 1)
+
+    def _gamma(self, y: Tensor, draws: _Draws) -> Tensor:
+        """Gamma on each channel's own [min, max] (MRI intensities have no fixed scale), so it works in any units."""
+        if "gamma" not in self.active:
+            return y
+        prm = self.active["gamma"]
+        n, c = y.shape[:2]
+        u = draws.uniform(n, 1 + c).to(y.dtype)
+        on = u[:, :1] < prm["p"]
+        gamma = torch.where(on, _lerp(u[:, 1:], prm["gamma"]), torch.ones_like(u[:, 1:])).view(n, c, 1, 1)
+        lo = y.amin(dim=(-2, -1), keepdim=True)
+        span = y.amax(dim=(-2, -1), keepdim=True) - lo
+        flat = span <= 1e-12
+        z = lo + span * ((y - lo) / torch.where(flat, torch.ones_like(span), span)).clamp(0.0, 1.0).pow(gamma)
+        return torch.where(flat | (gamma == 1.0), y, z)  # skipped samples and flat channels stay bit-exact
 
     def _blur(self, y: Tensor, draws: _Draws) -> Tensor:
         if "blur" not in self.active:

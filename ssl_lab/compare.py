@@ -1,4 +1,5 @@
-"""`python -m ssl_lab.compare <dir> [--out DIR]`: one comparison table over every run under <dir>."""
+"""`python -m ssl_lab.compare <dir> [--out DIR]`: one comparison table over every run under <dir>, and the mean ± std
+over the seeds of each configuration."""
 from __future__ import annotations
 
 from ssl_lab.evaluation.compare import main

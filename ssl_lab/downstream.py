@@ -41,7 +41,7 @@ class Downstream(CheckpointHeader, pl.LightningModule):
         self.backbone_lr, self.head_lr, self.regression_weight = backbone_lr, head_lr, regression_weight
         self.n_classes = int(num_classes or 0) if objective in ("classification", "joint") else 0
         self.target_names = list(target_names) if objective in ("joint", "regression") else []
-        n_out = self.n_classes + len(self.target_names)
+        self.n_out = n_out = self.n_classes + len(self.target_names)
         if n_out == 0:
             raise ConfigError(f"task.objective={objective} has nothing to predict on this dataset.")
         features = backbone.num_features

@@ -48,3 +48,16 @@ def test_atomic_write_keeps_old_file_when_writer_dies(tmp_path):
         atomic_write(path, dying_writer)
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
+
+
+def test_a_broken_or_foreign_model_file_is_named(tmp_path):
+    from ssl_lab.model_file import load_model_file
+
+    with pytest.raises(DataError, match="no such model file"):
+        load_model_file(tmp_path)
+    save_backbone(tmp_path / "model.pt", nn.Linear(4, 4), {"name": "x"})  # a backbone.pt under the wrong name
+    with pytest.raises(DataError, match="not an ssl_lab model file.*pretrained="):
+        load_model_file(tmp_path / "model.pt")
+    (tmp_path / "model.pt").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="model.pt: cannot be read as a model file"):
+        load_model_file(tmp_path)

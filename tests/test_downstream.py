@@ -16,7 +16,9 @@ from ssl_lab.backbones import build_backbone
 from ssl_lab.cli import run_or_exit
 from ssl_lab.downstream import Downstream
 from ssl_lab.errors import ConfigError
+from ssl_lab.model_file import load_model_file
 from ssl_lab.tasks import TASKS
+from ssl_lab.tasks.common import labelled_datamodule
 
 SHORT = ["task.max_epochs=1", "+trainer.limit_val_batches=1"]
 
@@ -88,8 +90,9 @@ def lens_run(tmp_path_factory, cache_dir):
 def test_linear_and_finetune_write_metrics_plots_and_report(tmp_path, cache_dir, lens_run, task):
     run_dir = tmp_path / task
     fast = ["accelerator.channels_last=true"] if task == "finetune" else []  # the speed options apply downstream
+    epochs = ["task.max_epochs=2"] if task == "finetune" else ["task.lrs=[0.1,1.0]", "task.weight_decays=[0]"]
     summary = TASKS[task](compose_cfg([*TINY, *SHORT, *tiny_data("lens_sim", cache_dir), f"task={task}",
-                                       f"pretrained={lens_run}", f"run_dir={run_dir}", *fast]))
+                                       f"pretrained={lens_run}", f"run_dir={run_dir}", *fast, *epochs]))
     assert summary["speed"]["channels_last"] is bool(fast) and summary["speed"]["compiled"] == []
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["pretrained"].endswith("backbone.pt") and metrics["method"] == "simclr"
@@ -101,6 +104,42 @@ def test_linear_and_finetune_write_metrics_plots_and_report(tmp_path, cache_dir,
     assert "confusion_matrix.png" in (run_dir / "report.md").read_text()
     logged = (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     assert "result/test.accuracy" in logged[0]  # the test metrics reach the logger too
+    # model.pt, loaded on its own, gives back exactly the test predictions the run reported
+    model = load_model_file(run_dir)
+    data = labelled_datamodule(compose_cfg([*TINY, *tiny_data("lens_sim", cache_dir)]))
+    batch = [data.test_set[i] for i in range(len(data.test_set))]
+    with torch.no_grad():
+        pred = model(torch.stack([b["x"] for b in batch]))["probs"].argmax(1)
+    y = torch.stack([b["y"] for b in batch])
+    confusion = [[int(((y == i) & (pred == j)).sum()) for j in range(3)] for i in range(3)]
+    assert confusion == test["confusion_matrix"] and model.class_names == data.class_names
+    if task == "finetune":  # the weights scored are the best val epoch's (checkpoints/best.ckpt), not the last's
+        best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+        assert summary["selected"]["epoch"] == best["epoch"] and summary["selected"]["rule"] == "best val/acc (max)"
+        for key, value in model.backbone.state_dict().items():
+            torch.testing.assert_close(value, best["state_dict"][f"backbone.{key}"], rtol=0, atol=0)
+    else:
+        assert set(metrics["probe"]) >= {"lr", "weight_decay", "val_accuracy"} and metrics["knn"]["k20"] >= 0
+
+
+def test_restoring_the_best_checkpoint_loads_its_weights(tmp_path):
+    from ssl_lab.checkpoint_io import HEADER
+    from ssl_lab.tasks.finetune import _restore_best
+
+    model = _module(objective="classification")
+    path = tmp_path / "best.ckpt"
+    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": "2", "epoch": 3,
+                HEADER: model.checkpoint_header()}, path)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    best = SimpleNamespace(best_model_path=str(path), monitor="val/acc", mode="max", best_model_score=torch.tensor(0.5))
+    selected = _restore_best(model, best)
+    assert selected["epoch"] == 3 and selected["value"] == 0.5
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert _restore_best(model, None) == {"rule": "last epoch", "reason": "no val split"}
 
 
 @pytest.mark.slow
@@ -127,10 +166,12 @@ def test_supervised_vgg_baseline_with_large_head(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_evaluate_reports_knn_probe_and_clusters(tmp_path, cache_dir, lens_run):
     run_dir = tmp_path / "eval"
-    TASKS["evaluate"](compose_cfg([*TINY, *tiny_data("lens_sim", cache_dir), "task=evaluate", "task.knn_k=3",
+    TASKS["evaluate"](compose_cfg([*TINY, *tiny_data("lens_sim", cache_dir), "task=evaluate", "task.knn_k=[3,200]",
                                    f"pretrained={lens_run}", f"run_dir={run_dir}"]))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert 0.0 <= metrics["knn_accuracy"] <= 1.0
+    knn = metrics["knn"]
+    assert 0.0 <= knn["k3"] <= 1.0 and knn["temperature"] == 0.07
+    assert knn["clipped"] == {"k200": knn["n_train"]}  # fewer training images than k: the k used is recorded
     assert {"ari", "nmi"} <= set(metrics["kmeans"]) and "accuracy" in metrics["probe"]
     assert (run_dir / "embedding_pca.png").is_file() and (run_dir / "embedding_tsne.png").is_file()
 
@@ -151,6 +192,14 @@ def test_downstream_errors_name_the_fix(tmp_path, cache_dir, lens_run, capsys):
     assert "1-channel" in err and "8" in err
     err = _fails([*lens, "task=joint", "pretrained=random"], tmp_path / "d", capsys)
     assert "regression targets" in err and "dataset.target_keys" in err
+    err = _fails([*lens, "task=finetune", f"pretrained={lens_run}", "task.early_stopping=0"], tmp_path / "e", capsys)
+    assert "task.early_stopping=0" in err and not (tmp_path / "e" / "config.yaml").exists()
+    err = _fails([*lens, "task=linear", f"pretrained={lens_run}", "task.lrs=[0.1,fast]"], tmp_path / "f", capsys)
+    assert "task.lrs=" in err and "list of numbers" in err
+    for task in ("linear", "finetune"):  # another split_seed puts pretraining images into the test split
+        err = _fails([*lens, f"task={task}", f"pretrained={lens_run}", "dataset.split_seed=1"], tmp_path / task, capsys)
+        assert "test images" in err and "dataset.split_seed=0" in err, err
+        assert not (tmp_path / task / "config.yaml").exists()
 
 
 @pytest.mark.slow

@@ -82,8 +82,8 @@ def sweep(tmp_path) -> Path:
     return root
 
 
-COLUMNS = ["run", "task", "method", "backbone", "dataset", "label_fraction", "accuracy", "f1_macro", "auc", "mse_ellipticity",
-           "mse_mass", "knn_acc", "images_per_s"]
+COLUMNS = ["run", "task", "method", "backbone", "dataset", "label_fraction", "seed", "config", "accuracy", "f1_macro",
+           "auc", "mse_ellipticity", "mse_mass", "knn20_acc", "probe_acc", "images_per_s"]
 
 
 def test_compare_rows_and_columns(sweep):
@@ -92,10 +92,12 @@ def test_compare_rows_and_columns(sweep):
     by_run = {r["run"]: r for r in rows}
     assert [r["run"] for r in rows] == ["0/finetune", "0/linear", "0/pretrain", "2", "10"]  # natural order
     assert by_run["0/linear"] == {"run": "0/linear", "task": "linear", "method": "simclr", "backbone": "resnet15",
-                                  "dataset": "lens_sim", "label_fraction": 0.1, "accuracy": 0.9, "f1_macro": 0.85,
-                                  "auc": 0.97,
-                                  "mse_ellipticity": None, "mse_mass": None, "knn_acc": 0.8,
+                                  "dataset": "lens_sim", "label_fraction": 0.1, "seed": None,
+                                  "config": by_run["0/linear"]["config"], "accuracy": 0.9, "f1_macro": 0.85,
+                                  "auc": 0.97, "mse_ellipticity": None, "mse_mass": None, "knn20_acc": 0.8,
+                                  "probe_acc": None,
                                   "images_per_s": 812.5}  # throughput of the run that made its backbone.pt
+    assert len({r["config"] for r in rows}) == 5  # no two runs differ only in their seed
     assert (by_run["0/finetune"]["mse_mass"], by_run["0/finetune"]["mse_ellipticity"]) == (0.25, 0.01)
     assert by_run["0/pretrain"]["accuracy"] is None and by_run["0/pretrain"]["images_per_s"] == 812.5
     assert (by_run["10"]["method"], by_run["10"]["backbone"], by_run["10"]["dataset"]) == ("barlow", "vit_tiny", "jets_sim")
@@ -113,8 +115,10 @@ def test_compare_writes_csv_and_markdown(sweep, tmp_path):
     assert linear["accuracy"] == "0.9" and linear["mse_mass"] == "" and linear["images_per_s"] == "812.5"
     lines = markdown.splitlines()
     assert lines[0] == "| " + " | ".join(COLUMNS) + " |"
-    assert "| 0/finetune | finetune | simclr | resnet15 | lens_sim |  | 0.9500 | 0.9000 | 0.9900 | 0.0100 | 0.2500 |  | 812.5000 |" in lines
-    assert len(lines) == 2 + 5
+    finetune = next(r for r in rows if r["run"] == "0/finetune")
+    assert (f"| 0/finetune | finetune | simclr | resnet15 | lens_sim |  |  | {finetune['config']} | 0.9500 | 0.9000 | "
+            "0.9900 | 0.0100 | 0.2500 |  |  | 812.5000 |") in lines
+    assert len(lines) == 2 + 5  # no configuration with two seeds: no mean ± std table
 
 
 def test_compare_cli(sweep):

@@ -6,7 +6,10 @@ similarity matrix never exceeds CHUNK_ROWS x N_train.
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
+from omegaconf import ListConfig
 from torch import Tensor
 
 from ssl_lab.errors import ConfigError, DataError
@@ -67,3 +70,27 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         raise DataError("knn: no test samples to score.")
     pred = knn_predict(train_feats, train_labels, test_feats, k=k, temperature=temperature, num_classes=num_classes)
     return float((pred.cpu() == test_labels.long().cpu()).float().mean())
+
+
+def knn_ks(value: Any) -> list[int]:
+    """`task.knn_k` as a list: a single k (`task.knn_k=20`) or several (`task.knn_k=[20,200]`, the usual reports)."""
+    ks = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ConfigError(f"task.knn_k={value!r} must be a positive integer or a list of them (e.g. [20,200]).")
+    return sorted(set(ks))
+
+
+def knn_report(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
+               ks: Sequence[int], temperature: float = 0.07, num_classes: int | None = None) -> dict[str, Any]:
+    """Weighted kNN accuracy for each k, as the literature reports it: {"k20": acc, "k200": acc, ...}, plus the
+    temperature and, where the training set is smaller than a k, the k actually used (`clipped`)."""
+    out: dict[str, Any] = {"temperature": temperature, "n_train": int(len(train_feats))}
+    clipped = {}
+    for k in ks:
+        out[f"k{k}"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=k, temperature=temperature,
+                                    num_classes=num_classes)
+        if k > len(train_feats):
+            clipped[f"k{k}"] = int(len(train_feats))
+    if clipped:
+        out["clipped"] = clipped
+    return out

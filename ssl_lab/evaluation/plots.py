@@ -84,10 +84,18 @@ def plot_curves(metrics_csv_paths: Sequence[str | Path], out_path) -> Path:
     """Loss (and accuracy, when logged) per epoch, every split on one axis per quantity."""
     metrics_csv_paths = list(metrics_csv_paths)
     curves = read_epoch_curves(metrics_csv_paths)
+    if not any("loss" in c.lower() or "acc" in c.lower() for c in curves):
+        raise DataError(f"plot_curves: no loss or accuracy columns with epoch values in {list(map(str, metrics_csv_paths))}.")
+    return plot_epoch_curves(curves, out_path)
+
+
+def plot_epoch_curves(curves: dict[str, dict[int, float]], out_path) -> Path:
+    """{name: {epoch: value}} curves (e.g. a linear probe's history, which no CSV logger saw) as plot_curves draws
+    them: the loss columns on one axis, the accuracy columns on another."""
     loss = {c: v for c, v in curves.items() if "loss" in c.lower()}
     acc = {c: v for c, v in curves.items() if "acc" in c.lower()}
     if not loss and not acc:
-        raise DataError(f"plot_curves: no loss or accuracy columns with epoch values in {list(map(str, metrics_csv_paths))}.")
+        raise DataError(f"plot_epoch_curves: no loss or accuracy curves among {sorted(curves)}.")
     panels = [(name, group) for name, group in (("loss", loss), ("accuracy", acc)) if group]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (name, group) in zip(axes[0], panels):

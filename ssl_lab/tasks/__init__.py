@@ -8,12 +8,13 @@ from omegaconf import DictConfig
 from ssl_lab.errors import ConfigError
 from ssl_lab.tasks.evaluate import evaluate
 from ssl_lab.tasks.finetune import train_heads
+from ssl_lab.tasks.linear import linear_probe
 from ssl_lab.tasks.pipeline import pipeline
 from ssl_lab.tasks.pretrain import pretrain
 
 TASKS: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "pretrain": pretrain,
-    "linear": train_heads,
+    "linear": linear_probe,
     "finetune": train_heads,
     "joint": train_heads,
     "supervised": train_heads,
@@ -30,4 +31,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return task(cfg)
 
 
-__all__ = ["TASKS", "evaluate", "pipeline", "pretrain", "run", "train_heads"]
+__all__ = ["TASKS", "evaluate", "linear_probe", "pipeline", "pretrain", "run", "train_heads"]

@@ -1,61 +1,77 @@
-"""Downstream training of heads on a backbone: linear probe, fine-tune, joint, and supervised-from-scratch.
+"""Downstream training with Lightning: fine-tune, joint classification + regression, supervised from scratch (and
+a frozen-backbone MLP probe with task=finetune task.freeze_backbone=true task.head=mlp).
 
-The four tasks differ only in their config (conf/task/*.yaml): whether the backbone is frozen or pretrained,
-which objective (classification, joint classification + regression, regression), the head, and the two learning
-rates. One function runs them all.
+The tasks differ only in their config (conf/task/*.yaml): whether the backbone is frozen or pretrained, which
+objective (classification, joint classification + regression, regression), the head, and the two learning rates.
+One function runs them all. The weights scored on the test split are those of the best epoch on the val split
+(`checkpoints/best.ckpt`; `task.early_stopping=<patience>` stops when val stops improving), never the last epoch's
+by default, and the test split is scored once, after training.
 """
 from __future__ import annotations
 
 import logging
-import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_lab.checkpoint_io import prepare_resume
-from ssl_lab.config import validate
+from ssl_lab.checkpoint_io import prepare_resume, read_checkpoint
 from ssl_lab.downstream import Downstream
 from ssl_lab.errors import ConfigError
-from ssl_lab.loggers import publish
 from ssl_lab.preemption import PreemptionCheckpoint, clear_marker
 from ssl_lab.speed import apply_speed_options, optimizer_impl
-from ssl_lab.tasks.backbone_source import load_backbone
-from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, labelled_datamodule, last_checkpoint,
-                                  one_console, resolve_precision, resolve_run_dir, save_config, targets,
+from ssl_lab.tasks.common import (build_loggers, config_hash, last_checkpoint, resolve_precision, targets,
                                   trainer_kwargs)
-from ssl_lab.tasks.outputs import collect, test_metrics, write_outputs
+from ssl_lab.tasks.labelled_run import (base_summary, export_model, finish_labelled_run, save_run_config,
+                                        start_labelled_run)
+from ssl_lab.tasks.outputs import collect
 
 log = logging.getLogger(__name__)
 
 
-def train_heads(cfg: DictConfig) -> dict[str, Any]:
-    started = time.time()
-    one_console()
-    task = cfg.task
-    run_dir = resolve_run_dir(cfg)
-    ckpt_path = claim_run_dir(run_dir, cfg.get("resume"), config_hash(cfg))
-    pl.seed_everything(cfg.seed, workers=True)
+def selection_metric(objective: str) -> tuple[str, str]:
+    """What "best on val" means: accuracy for a classifier, the total loss once regression is part of it."""
+    return ("val/acc", "max") if objective == "classification" else ("val/loss", "min")
 
-    datamodule = labelled_datamodule(cfg)
-    if task.objective in ("joint", "regression") and not datamodule.target_names:
-        raise ConfigError(f"task={task.name} with objective={task.objective} needs regression targets, but dataset "
-                          f"{cfg.dataset.name} has none; set dataset.target_keys=[...] or use "
-                          "objective=classification.")
+
+def selection_callbacks(cfg: DictConfig, run_dir: Path, has_val: bool
+                        ) -> tuple[ModelCheckpoint | None, list[pl.Callback]]:
+    """best.ckpt at the best val epoch, and early stopping when task.early_stopping gives a patience."""
+    patience = cfg.task.get("early_stopping")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ConfigError(f"task.early_stopping={patience!r} must be null (train every epoch) or a patience in "
+                          "epochs >= 1.")
+    if not has_val:
+        if patience is not None:
+            raise ConfigError(f"task.early_stopping={patience} watches the val split, which is empty; set "
+                              "dataset.val_fraction > 0 or task.early_stopping=null.")
+        log.warning("the val split is empty: the test split is scored with the last epoch's weights (set "
+                    "dataset.val_fraction > 0 to score the best epoch's)")
+        return None, []
+    monitor, mode = selection_metric(cfg.task.objective)
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,
+                           save_top_k=1, save_last=False, enable_version_counter=False,
+                           auto_insert_metric_name=False)
+    stop = [EarlyStopping(monitor=monitor, mode=mode, patience=patience)] if patience is not None else []
+    return best, stop
+
+
+def train_heads(cfg: DictConfig) -> dict[str, Any]:
+    task = cfg.task
     if cfg.get("pretrained") not in (None, "random") and task.name == "supervised":
         raise ConfigError("task=supervised trains from random initialisation; drop pretrained=... "
                           "(or use task=finetune to start from it).")
-    source = load_backbone(cfg, datamodule, require_pretrained=task.name != "supervised")
-    augment = instantiate(cfg.augment, size=source.view_size, n_views=1, _convert_="all")
-    validate(cfg, datamodule, augment, ssl=False)
-    augment.set_stats(source.mean, source.std)
+    run = start_labelled_run(cfg, require_pretrained=task.name != "supervised")
+    datamodule, source, run_dir, ckpt_path = run.datamodule, run.source, run.run_dir, run.ckpt_path
     model = Downstream(
-        backbone=source.backbone, augment=augment, objective=task.objective, num_classes=datamodule.num_classes,
-        target_names=datamodule.target_names, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        freeze_backbone=task.freeze_backbone, head=task.head, hidden_dims=list(task.hidden_dims),
-        dropout=task.dropout, backbone_lr=task.backbone_lr, head_lr=task.head_lr,
-        regression_weight=task.regression_weight, target_mean=datamodule.target_mean,
+        backbone=source.backbone, augment=run.augment, objective=task.objective,
+        num_classes=datamodule.num_classes, target_names=datamodule.target_names,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True), freeze_backbone=task.freeze_backbone,
+        head=task.head, hidden_dims=list(task.hidden_dims), dropout=task.dropout, backbone_lr=task.backbone_lr,
+        head_lr=task.head_lr, regression_weight=task.regression_weight, target_mean=datamodule.target_mean,
         target_std=datamodule.target_std, train_augment=task.train_augment, seed=cfg.seed,
     )
 
@@ -66,10 +82,12 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path:  # checked before anything is written
         prepare_resume(ckpt_path, model, datamodule)
 
+    best, stop = selection_callbacks(cfg, run_dir, has_val=len(datamodule.val_set) > 0)
     precision = resolve_precision(cfg.accelerator.precision)
-    saved = save_config(cfg, run_dir, precision)
+    saved = save_run_config(run, precision)
     callbacks = [last_checkpoint(run_dir),
                  PreemptionCheckpoint(run_dir / "checkpoints", config_hash(cfg)),
+                 *([best] if best is not None else []), *stop,
                  *(instantiate(node) for node in targets(cfg.get("callbacks")))]
     loggers = build_loggers(cfg, run_dir)
     for logger in loggers:
@@ -81,23 +99,30 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         clear_marker(run_dir / "checkpoints")  # finished: a later start of this run is not a continuation
 
     summary: dict[str, Any] = {
-        "task": task.name, "objective": task.objective, "method": source.meta.get("method", "scratch"),
-        "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "pretrained": source.pretrained,
-        "label_fraction": datamodule.summary().get("label_fraction"), "epochs": int(trainer.current_epoch),
-        "wall_time_s": round(time.time() - started, 2), "run_dir": str(run_dir),
-        "data_n_test": datamodule.summary().get("n_test"),
+        **base_summary(run), "epochs": int(trainer.current_epoch),
         "speed": {**fast, "optimizer": optimizer_impl(trainer.optimizers[0] if trainer.optimizers else None)},
+        "selected": _restore_best(model, best),
     }
-    if trainer.is_global_zero:
-        preds = collect(model, datamodule.test_dataloader(), trainer.strategy.root_device)
-        summary["test"] = test_metrics(preds, datamodule.class_names, datamodule.target_names)
-        config_summary = {"task": task.name, "objective": task.objective, "backbone": cfg.backbone.name,
-                          "pretrained": source.pretrained or "random init", "dataset": cfg.dataset.name,
-                          "head": task.head, "backbone_lr": task.backbone_lr, "head_lr": task.head_lr,
-                          "freeze_backbone": task.freeze_backbone, "epochs": task.max_epochs,
-                          "label_fraction": summary["label_fraction"]}
-        plots = write_outputs(run_dir, f"{task.name}: {cfg.backbone.name} on {cfg.dataset.name}", config_summary,
-                              summary, preds, datamodule.class_names, datamodule.target_names)
-        publish(loggers, plots, summary)
-        log.info("%s done: %s", task.name, run_dir)
-    return summary
+    if not trainer.is_global_zero:
+        return summary
+    preds = collect(model, datamodule.test_dataloader(), trainer.strategy.root_device)
+    head_spec = {"kind": task.head, "in_features": int(source.backbone.num_features), "n_out": model.n_out,
+                 "hidden_dims": list(task.hidden_dims) if task.head == "mlp" else [], "dropout": float(task.dropout)}
+    export_model(run, model.head, head_spec, {"selected": summary["selected"]})
+    config_summary = {"task": task.name, "objective": task.objective, "backbone": cfg.backbone.name,
+                      "pretrained": source.pretrained or "random init", "dataset": cfg.dataset.name,
+                      "head": task.head, "backbone_lr": task.backbone_lr, "head_lr": task.head_lr,
+                      "freeze_backbone": task.freeze_backbone, "epochs": task.max_epochs,
+                      "early_stopping": task.get("early_stopping"), "label_fraction": summary["label_fraction"],
+                      "selected": summary["selected"]}
+    return finish_labelled_run(run, summary, preds, config_summary, loggers)
+
+
+def _restore_best(model: pl.LightningModule, best: ModelCheckpoint | None) -> dict[str, Any]:
+    """Load the best-on-val weights into ``model``; what was selected, for the summary."""
+    if best is None or not best.best_model_path:
+        return {"rule": "last epoch", "reason": "no val split" if best is None else "no val epoch completed"}
+    ckpt = read_checkpoint(best.best_model_path)
+    model.load_state_dict(ckpt["state_dict"])
+    return {"rule": f"best {best.monitor} ({best.mode})", "epoch": int(ckpt.get("epoch", -1)),
+            "value": float(best.best_model_score), "checkpoint": str(best.best_model_path)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,12 +37,14 @@ def test_metrics(preds: dict[str, torch.Tensor], class_names: list[str] | None,
 
 
 def write_outputs(run_dir: Path, title: str, config_summary: dict[str, Any], metrics: dict[str, Any],
-                  preds: dict[str, torch.Tensor], class_names: list[str] | None, target_names: list[str]) -> list[Path]:
-    """metrics.json, the plots that apply to this run, and a report.md that shows them; returns the plots."""
+                  preds: dict[str, torch.Tensor], class_names: list[str] | None, target_names: list[str],
+                  extra_plots: Sequence[Path] = ()) -> list[Path]:
+    """metrics.json, the plots that apply to this run (``extra_plots`` are already drawn, e.g. curves of a run
+    without a CSV logger), and a report.md that shows them; returns the plots."""
     write_json(run_dir / "metrics.json", metrics)
-    plots: list[Path] = []
+    plots: list[Path] = list(extra_plots)
     logs = sorted(run_dir.glob("logs/version_*/metrics.csv"))
-    if logs:
+    if logs and not any(Path(p).name == "curves.png" for p in plots):
         plots.append(plot_curves(logs, run_dir / "curves.png"))
     test = metrics.get("test", {})
     if "confusion_matrix" in test:
