@@ -80,13 +80,23 @@ def save_backbone(path: str | Path, backbone: nn.Module, meta: Mapping[str, Any]
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def load_failure(err: BaseException) -> str:
+    """Why torch.load refused a file, in one line and without torch's advice to retry with weights_only=False:
+    ssl_lab never unpickles arbitrary objects, so that advice would only point at the unsafe way."""
+    text = str(err).strip()
+    if "weights only load failed" in text.lower() or "weights_only" in text:
+        return ("it holds Python objects beyond tensors and plain values, which ssl_lab refuses to unpickle "
+                "(weights_only=True): not a file ssl_lab wrote, or one that was altered")
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def load_payload(path: Path, fmt: str, version: int, what: str, not_ours: str) -> dict[str, Any]:
     """A file of ssl_lab's own format ``fmt`` (a dict with "format" and "version"), loaded with weights_only=True;
     every failure names the file and what is wrong with it (``not_ours``: what to do with a file of another kind)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise DataError(f"{path}: cannot be read as a {what} (corrupt or truncated?): {err}") from None
+        raise DataError(f"{path}: cannot be read as a {what} (corrupt or truncated?): {load_failure(err)}.") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise DataError(f"{path}: not an ssl_lab {what} (no '{fmt}' header); {not_ours}.")
     if payload.get("version") != version:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ssl_lab.artifacts import atomic_write
+from ssl_lab.artifacts import atomic_write, load_failure
 from ssl_lab.errors import DataError
 
 HEADER = "ssl_lab"
@@ -32,9 +32,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: cannot be read as a checkpoint (corrupt or truncated?): {first}. Resume from "
-                        "another checkpoint, or start a new run.") from None
+        raise DataError(f"{path}: cannot be read as a checkpoint (corrupt or truncated?): {load_failure(err)}. "
+                        "Resume from another checkpoint, or start a new run.") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
         raise DataError(f"{path}: not a Lightning training checkpoint (a backbone.pt goes to pretrained=, "
                         "not resume=).")

@@ -50,8 +50,8 @@ DEFAULTS: dict[str, Any] = {"max_bad_steps": 0, "check_every_n_steps": None, "co
 AMP_MAX_CONSECUTIVE_SKIPS = 25
 CHANCE_TOLERANCE = 0.02  # a window-mean loss within 2% of the chance loss counts as "at chance"
 MAX_NAMES = 5
-# Lightning restores the optimizer's and scheduler's lr from a checkpoint, so a changed optim.lr has no effect on a
-# resumed run; set True once the pretrain task re-applies the configured lr after the restore.
+# resume=auto continues a run with its saved config and refuses a changed optim.lr (ssl_lab.resume); set True once
+# a resume mode re-applies a new lr after the restore.
 RESUME_APPLIES_LR = False
 # Methods whose objective cannot collapse to a constant embedding (pixel reconstruction): no embedding-std check.
 NO_COLLAPSE_CHECK = frozenset({"MAE"})
@@ -427,8 +427,8 @@ class TrainingGuard(pl.Callback):
             at = f" (step {ckpt_step})" if ckpt_step is not None else ""
             where = f"run_dir={ckpt.parent.parent} resume=auto"
             resume = (f"Last good checkpoint: {ckpt}{at}; continue from it with {where} {low}" if RESUME_APPLIES_LR
-                      else f"Last good checkpoint: {ckpt}{at}; {where} continues from it, but with the lr saved in it "
-                      f"(a changed optim.lr does not apply to a resumed run): for a lower lr start a new run ({low})")
+                      else f"Last good checkpoint: {ckpt}{at}; {where} continues from it as saved, its lr "
+                      f"included (it refuses a changed optim.lr): for a lower lr start a new run ({low})")
         numbered = "; ".join(f"({i}) {c}" for i, c in enumerate(causes, 1))
         return (f"training diverged at step {step} (epoch {trainer.current_epoch}): {why}. {detail}. "
                 f"Likely causes, most likely first: {numbered}. {resume}. {written}")

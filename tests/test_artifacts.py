@@ -27,6 +27,18 @@ def test_truncated_file_is_named(tmp_path):
         load_backbone_file(path)
 
 
+class Pickled:
+    """An arbitrary object in a backbone file: what a weights-only load must refuse."""
+
+
+def test_file_with_pickled_objects_is_refused_without_unsafe_advice(tmp_path):
+    path = tmp_path / "backbone.pt"
+    torch.save({"format": "ssl_lab.backbone", "obj": Pickled()}, path)
+    with pytest.raises(DataError, match="refuses to unpickle") as info:
+        load_backbone_file(path)
+    assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_foreign_checkpoint_is_refused(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"model": {"w": torch.zeros(1)}}, path)

@@ -93,13 +93,19 @@ def _bad_files(tmp_path, model):
     (tmp_path / "noise.ckpt").write_bytes(b"\x00garbage" * 1000)
     torch.save(_lightning_ckpt(model, header=False), tmp_path / "foreign.ckpt")
     save_backbone(tmp_path / "backbone.pt", model.backbone, {"method": "simclr"})
+    torch.save({**_lightning_ckpt(model), "extra": Pickled()}, tmp_path / "pickled.ckpt")
     return good
+
+
+class Pickled:
+    """An arbitrary object in a checkpoint: what a weights-only load must refuse."""
 
 
 @pytest.mark.parametrize("name,expected", [
     ("truncated.ckpt", "cannot be read as a checkpoint (corrupt or truncated?)"),
     ("noise.ckpt", "cannot be read as a checkpoint (corrupt or truncated?)"),
     ("foreign.ckpt", "not one written by ssl_lab"),
+    ("pickled.ckpt", "holds Python objects beyond tensors and plain values, which ssl_lab refuses to unpickle"),
     ("backbone.pt", "not a Lightning training checkpoint (a backbone.pt goes to pretrained="),
     ("missing.ckpt", "no such checkpoint file"),
 ])
@@ -109,6 +115,7 @@ def test_unusable_checkpoint_is_refused_before_anything_is_written(tmp_path, cac
     run = tmp_path / "run"
     err = _fails([*TINY, *tiny_data("lens_sim", cache_dir), f"resume={tmp_path / name}", f"run_dir={run}"], capsys)
     assert str(tmp_path / name) in err and expected in err
+    assert "weights_only=False" not in err and err.strip().count("\n") == 0  # one line, no unsafe advice
     assert not run.exists()
 
 

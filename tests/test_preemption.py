@@ -18,7 +18,7 @@ from conftest import ROOT, TINY, compose_cfg, tiny_data
 from ssl_lab.artifacts import load_backbone_file
 from ssl_lab.errors import ConfigError, RunInterrupted
 from ssl_lab.preemption import PreemptionCheckpoint
-from ssl_lab.tasks import pretrain
+from ssl_lab.tasks import TASKS, pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -84,15 +84,17 @@ def test_signal_mid_epoch_then_restart_matches_uninterrupted_run(tmp_path, cache
     _same_backbone(tmp_path / "whole", split)  # every sample trained once, in the same order
 
 
-def test_restart_with_another_config_is_refused_but_resume_auto_continues(tmp_path, cache_dir):
+def test_restart_with_another_config_is_refused_and_resume_auto_continues_as_saved(tmp_path, cache_dir):
     run = tmp_path / "run"
     first = _lens(cache_dir, run, SIGNAL, "+callbacks.sig.step=1", "trainer.max_epochs=1")
     with pytest.raises(RunInterrupted):
         pretrain(compose_cfg(first))
     other = _lens(cache_dir, run, "trainer.max_epochs=1", "optim.lr=0.5")
-    with pytest.raises(ConfigError, match="stopped by a signal with a different config; pass resume=auto"):
-        pretrain(compose_cfg(other))
-    summary = pretrain(compose_cfg([*other, "resume=auto"]))
+    with pytest.raises(ConfigError, match="stopped by a signal and saved another config; continue it as saved"):
+        TASKS["pretrain"](compose_cfg(other))
+    with pytest.raises(ConfigError, match=r"was run with another config \(.*optim\.lr: 0\.001 -> 0\.5"):
+        TASKS["pretrain"](compose_cfg([*other, "resume=auto"]))
+    summary = TASKS["pretrain"](compose_cfg([*first, "resume=auto"]))
     assert summary["global_step"] == 4 and summary["resumed_from"].endswith("last.ckpt")
 
 

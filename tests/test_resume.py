@@ -1,12 +1,15 @@
 """resume=auto continues an interrupted run and ends with the same weights as an uninterrupted one."""
 from __future__ import annotations
 
+import shutil
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from conftest import TINY, compose_cfg, tiny_data
 from ssl_lab.artifacts import load_backbone_file
+from ssl_lab.errors import ConfigError
 from ssl_lab.tasks import pretrain
 
 pytestmark = pytest.mark.slow
@@ -53,3 +56,16 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, cache_dir, method):
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, cache_dir):
     summary = pretrain(compose_cfg(_overrides(cache_dir, tmp_path / "new", "resume=auto", "trainer.max_epochs=1")))
     assert summary["resumed_from"] is None and summary["global_step"] == 2
+
+
+def test_resume_auto_into_a_finished_run_without_checkpoint_is_refused(tmp_path, cache_dir):
+    """Checkpoints deleted to save disk: resume=auto must not start over and overwrite the finished run."""
+    run_dir = tmp_path / "done"
+    pretrain(compose_cfg(_overrides(cache_dir, run_dir, "trainer.max_epochs=1")))
+    shutil.rmtree(run_dir / "checkpoints")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"holds a finished run \(summary.json, backbone.pt\) but no "
+                                          r"checkpoints/last.ckpt.*nothing was written"):
+        pretrain(compose_cfg(_overrides(cache_dir, run_dir, "resume=auto", "trainer.max_epochs=1")))
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule`.*")
 
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.json", "pipeline.json", "backbone.pt", "checkpoints")
+# what a run writes only once it has finished: a resume=auto start without a checkpoint would overwrite them
+FINISHED_MARKERS = ("summary.json", "metrics.json", "pipeline.json", "backbone.pt", "model.pt")
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 
@@ -57,6 +59,11 @@ def claim_run_dir(run_dir: Path, resume: str | None, config_hash: str | None = N
         if last.is_file():
             read_checkpoint(last, mmap=True)
             return str(last)
+        finished = [m for m in FINISHED_MARKERS if (run_dir / m).exists()]
+        if finished and rank_zero_only.rank == 0:
+            raise ConfigError(f"resume=auto: {run_dir} holds a finished run ({', '.join(finished)}) but no {LAST_CKPT} "
+                              "to continue from (deleted?); starting it again would overwrite its outputs, so "
+                              "nothing was written. Pass a new run_name (or run_dir), or put the checkpoint back.")
         log.info("resume=auto: no %s yet, starting fresh", last)
         return None
     marker = read_marker(last.parent)
@@ -68,7 +75,8 @@ def claim_run_dir(run_dir: Path, resume: str | None, config_hash: str | None = N
     taken = [m for m in RUN_MARKERS if (run_dir / m).exists()]
     # DDP ranks > 0 re-run this script after rank 0 has claimed the directory.
     if taken and rank_zero_only.rank == 0:
-        hint = (" It was stopped by a signal with a different config; pass resume=auto to continue it with this one"
+        hint = (f" It was stopped by a signal and saved another config; continue it as saved with run_dir={run_dir} "
+                "resume=auto"
                 if marker is not None else "")
         raise ConfigError(
             f"{run_dir} already holds a run ({', '.join(taken)}); pass resume=auto to continue it, or a new "
@@ -136,8 +144,10 @@ def save_config(cfg: DictConfig, run_dir: Path, precision: str, scale: dict[str,
 def config_hash(cfg: DictConfig) -> str:
     """Same experiment, same hash: the run's name, folder and resume flag are left out."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run_name", "run_dir", "resume"):
+    for key in ("run_name", "run_dir", "resume", "scale"):
         data.pop(key, None)
+    if "accelerator" in data:  # `auto` and what it resolved to (the saved config's value) are the same run
+        data["accelerator"]["precision"] = resolve_precision(str(data["accelerator"].get("precision", "auto")))
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(data)).encode()).hexdigest()[:16]
 
 
