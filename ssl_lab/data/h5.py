@@ -135,6 +135,25 @@ SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FIELD = "{split}"  # replaced by the split name in label_key / target_keys when split_keys is set
 
 
+def check_label_map(label_map: Mapping[Any, Any] | None) -> dict[int, int] | None:
+    """dataset.label_map as {file label: class id}; the class ids must be exactly 0..K-1 (several file labels may
+    share one id, merging those classes)."""
+    if label_map is None:
+        return None
+    example = "e.g. dataset.label_map='{1: 0, 2: 1, 7: 2}'"
+    if not isinstance(label_map, Mapping) or not label_map:
+        raise ConfigError(f"dataset.label_map={label_map!r} must map file labels to class ids, {example}.")
+    try:
+        out = {int(k): int(v) for k, v in label_map.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"dataset.label_map={dict(label_map)!r}: labels and class ids must be integers, "
+                          f"{example}.") from None
+    ids = sorted(set(out.values()))
+    if ids != list(range(len(ids))):
+        raise ConfigError(f"dataset.label_map={out}: class ids must be 0..K-1 with none left out, got {ids}.")
+    return out
+
+
 def check_split_keys(split_keys: Mapping[str, str] | None, split_key: str | None) -> dict[str, str] | None:
     """A plain {split: image key} dict with a train key, or None; refused together with split_key."""
     if split_keys is None:
@@ -218,7 +237,7 @@ class H5DataModule(BaseDataModule):
         labelled_path: str | None = None, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
         stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
         label_fraction: float = 1.0, read: str = "auto", block_samples: int | None = None, window_blocks: int = 4,
-        split_keys: Mapping[str, str] | None = None, split_seed: int = 0,
+        split_keys: Mapping[str, str] | None = None, split_seed: int = 0, label_map: Mapping[Any, int] | None = None,
     ) -> None:
         super().__init__(
             name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction,
@@ -240,6 +259,7 @@ class H5DataModule(BaseDataModule):
                 "dataset.split_keys (one image key per split) or name the key itself."
             )
         self.nan_policy, self.in_memory, self.labelled_path = nan_policy, in_memory, labelled_path
+        self.label_map = check_label_map(label_map)
         if read not in READ_MODES:
             raise ConfigError(f"dataset.read={read!r} is not one of {', '.join(READ_MODES)}.")
         if block_samples is not None and (not isinstance(block_samples, int) or block_samples < 1):
@@ -357,10 +377,13 @@ class H5DataModule(BaseDataModule):
         if raw.dtype.kind == "f" and not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
             raise DataError(f"{where} holds non-integer or non-finite values; labels must be class ids 0..K-1.")
         labels = raw.astype(np.int64)
-        if labels.min() < 0:
-            raise DataError(f"{where} has negative label {labels.min()}; labels must be class ids 0..K-1.")
         names = f[key].attrs.get("class_names", f.attrs.get("class_names"))
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in names] if names is not None else []
+        if self.label_map is not None:
+            return self._mapped(labels, names, where)
+        if labels.min() < 0:
+            raise DataError(f"{where} has negative label {labels.min()}; labels must be class ids 0..K-1 (or set "
+                            "dataset.label_map={file label: class id}).")
         if names and len(names) <= int(labels.max()):
             raise DataError(f"{where} has label {labels.max()} but attrs class_names lists only {len(names)} classes.")
         return labels, names
@@ -430,12 +453,38 @@ class H5DataModule(BaseDataModule):
             part.array = ds[()]
         return part
 
+    def _mapped(self, labels: np.ndarray, names: list[str], where: str) -> tuple[np.ndarray, list[str]]:
+        """The file's labels through dataset.label_map, and one name per class id (merged labels joined by +)."""
+        known = np.array(sorted(self.label_map), np.int64)
+        unmapped = np.setdiff1d(np.unique(labels), known)
+        if len(unmapped):
+            raise DataError(f"{where} has label(s) {unmapped[:5].tolist()} that dataset.label_map does not map; "
+                            "add them to the map (every file label needs a class id).")
+        ids = np.array([self.label_map[int(v)] for v in known], np.int64)
+        named = lambda v: names[v] if 0 <= v < len(names) else str(v)  # noqa: E731
+        classes = ["+".join(named(int(v)) for v in known[ids == c]) for c in range(int(ids.max()) + 1)]
+        return ids[np.searchsorted(known, labels)], classes
+
     def _class_names(self, parts: dict[str, _Part]) -> list[str] | None:
-        """One class list for every key: the train key's attrs names, else 0..K-1 over all keys' labels."""
+        """One class list for every key: the train key's attrs names, else 0..K-1 over all keys' labels. Refuses
+        class ids that never occur (a head would get outputs no sample ever trains)."""
         train = parts["train"]
         if train.labels is None:
             return None
         k = max(int(p.labels.max()) + 1 for p in parts.values())
+        present = np.unique(np.concatenate([p.labels for p in parts.values()]))
+        n_classes = max(k, len(train.label_names))
+        # pretraining builds no head; a single class is refused with its own message downstream
+        if self.labelled and 1 < len(present) < n_classes:
+            absent = np.setdiff1d(np.arange(n_classes), present)
+            listed = f"class_names lists {n_classes} classes" if train.label_names else f"labels reach {k - 1}"
+            suggest = ", ".join(f"{int(v)}: {i}" for i, v in enumerate(present[:6]))
+            suggest += ", ..." if len(present) > 6 else ""
+            raise DataError(
+                f"{self.source}: {listed} but class id(s) {absent[:8].tolist()} never occur, so a head would have "
+                f"outputs that no sample trains. Relabel the file as 0..K-1, or set dataset.label_map="
+                f"{{{suggest}}} (file label: class id)."
+            )
         if train.label_names:
             if len(train.label_names) < k:
                 raise DataError(f"{self.source}: a label key has label {k - 1} but the class_names attrs of "
