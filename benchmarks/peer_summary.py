@@ -119,7 +119,8 @@ def render(summary: dict[str, Any], markdown: bool) -> str:
         rows = []
         for method, c in ds["methods"].items():
             ratio = "-" if c["s_per_epoch_ratio"] is None else f"{c['s_per_epoch_ratio']:.2f}"
-            rows.append([method + ("" if c["n_seeds"] == len(summary["seeds"]) else f" ({c['n_seeds']} seeds)"),
+            n = c["n_seeds"]
+            rows.append([method + ("" if n == len(summary["seeds"]) else f" ({n} seed{'s' * (n != 1)})"),
                          _pm(c["ssl_lab"]["knn"]), _pm(c["ssl_lab"]["linear"]), _pm(c["lightly"]["knn"]),
                          _pm(c["lightly"]["linear"]), _pm(c["delta"]["knn"], True), _pm(c["delta"]["linear"], True),
                          _pm(rnd["knn"]), _pm(rnd["linear"]), ratio, "; ".join(c["flags"]) or "none"])
