@@ -105,12 +105,19 @@ def load_payload(path: Path, fmt: str, version: int, what: str, not_ours: str) -
     return payload
 
 
-def load_backbone_file(path: str | Path) -> dict[str, Any]:
-    """Read and check a `backbone.pt`; every failure names the file and what is wrong with it."""
+def run_file(path: str | Path, name: str, missing: str) -> Path:
+    """`path` itself, or `<path>/<name>` when it is a run directory; DataError (``missing``: where such a file
+    comes from) when there is no such file."""
     path = Path(path)
     if path.is_dir():
-        path = path / "backbone.pt"
+        path = path / name
     if not path.is_file():
-        raise DataError(f"{path}: no such backbone file; pass pretrained=<a pretraining run directory or its "
-                        "backbone.pt>.")
+        raise DataError(f"{path}: no such {missing}.")
+    return path
+
+
+def load_backbone_file(path: str | Path) -> dict[str, Any]:
+    """Read and check a `backbone.pt`; every failure names the file and what is wrong with it."""
+    path = run_file(path, "backbone.pt", "backbone file; pass pretrained=<a pretraining run directory or its "
+                                         "backbone.pt>")
     return load_payload(path, BACKBONE_FORMAT, BACKBONE_VERSION, "backbone file", "export one with task=pretrain")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ssl_lab.artifacts import atomic_write, load_payload
+from ssl_lab.artifacts import atomic_write, load_payload, run_file
 from ssl_lab.augment import Augment
 from ssl_lab.backbones import backbone_from_meta
 from ssl_lab.errors import DataError
@@ -94,12 +94,8 @@ class ExportedModel(nn.Module):
 
 def load_model_file(path: str | Path) -> ExportedModel:
     """Read and check a `model.pt` (or the run directory holding one); the model is in eval mode, on the CPU."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise DataError(f"{path}: no such model file; downstream runs (task=linear, finetune, joint, supervised) "
-                        "write <run_dir>/model.pt.")
+    path = run_file(path, "model.pt", "model file; downstream runs (task=linear, finetune, joint, supervised) "
+                                      "write <run_dir>/model.pt")
     payload = load_payload(path, MODEL_FORMAT, MODEL_VERSION, "model file",
                            "a backbone.pt goes to pretrained=, a model.pt comes from a downstream run")
     meta = payload["backbone"]["meta"]
