@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import pickle
 import tempfile
 import zipfile
@@ -13,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ssl_lab.errors import DataError
+from ssl_lab.errors import DataError, DiskFull
 
 BACKBONE_FORMAT = "ssl_lab.backbone"
 BACKBONE_VERSION = 1
@@ -41,8 +43,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
+    except (OSError, RuntimeError) as err:
+        if not _out_of_space(err, path.parent):
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no partial {path.name} was left"
+        raise DiskFull(f"{path}: no space left on the disk while writing it; {kept}. Free space there (or move "
+                       "run_dir to another disk), then continue with resume=auto.") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _out_of_space(err: BaseException, folder: Path) -> bool:
+    """ENOSPC or EDQUOT, as an OSError, or as the RuntimeError torch's zip writer raises instead ("unexpected pos",
+    "file write failed"), told apart by the disk being (nearly) full while the partial temporary still holds it."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "inline_container" in str(err) and shutil.disk_usage(folder).free < (64 << 20)
 
 
 def _fsync(path: str | Path) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.utilities import rank_zero_only
 
 from ssl_lab.artifacts import save_backbone
@@ -69,6 +70,25 @@ class StepProgressBar(TQDMProgressBar):
 
     SHOWN = {"train/loss": "loss", "train/acc": "acc", "val/acc": "val_acc"}  # logged name -> label on the bar
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run resumed mid-epoch gets no on_train_epoch_start for that epoch: Lightning's bar would show it as
+        "Training n/?" and count the batches trained before the stop as done in this process (an ETA far too
+        short). The bar starts that epoch where it was stopped, with its total."""
+        super().on_train_start(trainer, pl_module)
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        total = self.total_train_batches
+        if 0 < done < total and self.train_progress_bar is not None:
+            bar = self.train_progress_bar
+            bar.reset(total=convert_inf(total))
+            bar.initial = bar.n = done  # tqdm's rate (and so the ETA) counts from `initial`
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+            bar.refresh()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.train_progress_bar is not None:
+            self.train_progress_bar.initial = 0  # before Lightning's reset redraws it: no negative rate
+        super().on_train_epoch_start(trainer, *args)
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         metrics = trainer.callback_metrics
@@ -85,6 +105,7 @@ class BackboneExport(pl.Callback):
     def __init__(self, path: str | Path, meta: Mapping[str, Any]):
         self.path = Path(path)
         self.meta = dict(meta)
+        self.written = False
 
     @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -92,3 +113,10 @@ class BackboneExport(pl.Callback):
         meta = {**backbone.meta(), **self.meta, "global_step": int(trainer.global_step),
                 "epochs": int(trainer.current_epoch)}
         save_backbone(self.path, backbone, meta)
+        self.written = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run resumed from the checkpoint of its last step (killed while exporting, say) has nothing left to train,
+        and Lightning then skips on_train_end: the export is written here."""
+        if not self.written:
+            self.on_train_end(trainer, pl_module)

@@ -12,6 +12,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from ssl_lab.errors import RunInterrupted, SSLLabError
 from ssl_lab.tasks import run
+from ssl_lab.tasks.fitting import one_line
 
 log = logging.getLogger("ssl_lab")
 
@@ -37,7 +38,7 @@ def run_or_exit(cfg: DictConfig) -> dict[str, Any]:
         print(f"ssl_lab: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except SSLLabError as err:
-        _fail(str(err))
+        _fail(one_line(err))  # a reader's error from a DataLoader worker comes wrapped in torch's traceback
     except MissingMandatoryValue as err:
         _fail(f"{err.full_key} must be set (it is ??? in the config); pass {err.full_key}=<value>.")
     except InstantiationException as err:

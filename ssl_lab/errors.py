@@ -24,3 +24,7 @@ class RunInterrupted(SSLLabError):
 
 class TrainingDiverged(SSLLabError):
     """The loss, gradients or weights became NaN/Inf; the run stopped before anything was written from them."""
+
+
+class DiskFull(SSLLabError):
+    """A write ran out of disk space (ENOSPC) or quota; the file it would have replaced is intact."""

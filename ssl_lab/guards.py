@@ -50,9 +50,6 @@ DEFAULTS: dict[str, Any] = {"max_bad_steps": 0, "check_every_n_steps": None, "co
 AMP_MAX_CONSECUTIVE_SKIPS = 25
 CHANCE_TOLERANCE = 0.02  # a window-mean loss within 2% of the chance loss counts as "at chance"
 MAX_NAMES = 5
-# resume=auto continues a run with its saved config and refuses a changed optim.lr (ssl_lab.resume); set True once
-# a resume mode re-applies a new lr after the restore.
-RESUME_APPLIES_LR = False
 # Methods whose objective cannot collapse to a constant embedding (pixel reconstruction): no embedding-std check.
 NO_COLLAPSE_CHECK = frozenset({"MAE"})
 COLLAPSE_ADVICE = {
@@ -425,10 +422,9 @@ class TrainingGuard(pl.Callback):
             resume = f"No checkpoint was saved yet: start again with a lower lr (e.g. {low})"
         else:
             at = f" (step {ckpt_step})" if ckpt_step is not None else ""
-            where = f"run_dir={ckpt.parent.parent} resume=auto"
-            resume = (f"Last good checkpoint: {ckpt}{at}; continue from it with {where} {low}" if RESUME_APPLIES_LR
-                      else f"Last good checkpoint: {ckpt}{at}; {where} continues from it as saved, its lr "
-                      f"included (it refuses a changed optim.lr): for a lower lr start a new run ({low})")
+            # resume=force applies the new lr to the restored optimizer (ssl_lab.optim.PlannedLR)
+            resume = (f"Last good checkpoint: {ckpt}{at}; continue from it with run_dir={ckpt.parent.parent} "
+                      f"resume=force {low}")
         numbered = "; ".join(f"({i}) {c}" for i, c in enumerate(causes, 1))
         return (f"training diverged at step {step} (epoch {trainer.current_epoch}): {why}. {detail}. "
                 f"Likely causes, most likely first: {numbered}. {resume}. {written}")

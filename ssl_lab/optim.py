@@ -173,7 +173,52 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
                           "training steps; lower the warmup or train longer.")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be within [0, 1], got {min_lr_ratio}.")
-    return LambdaLR(optimizer, _Multiplier(schedule, total_steps, warmup_steps, min_lr_ratio))
+    return PlannedLR(optimizer, _Multiplier(schedule, total_steps, warmup_steps, min_lr_ratio))
+
+
+class PlannedLR(LambdaLR):
+    """A LambdaLR whose plan is this run's and whose position is the checkpoint's.
+
+    torch's load_state_dict restores everything the scheduler saved, the plan included: a run resumed to train
+    longer would keep the old run's total steps (lr 0 after its end), and a run resumed with a new lr would keep
+    the old one. Here a restore takes only the step count from the checkpoint; the schedule (total steps, warmup,
+    floor), the base lrs and the optimizer's hyperparameters stay those this run built from its config, and the
+    lr for the restored step is set from them. A resume with the same config gets the same numbers back, exactly.
+    """
+
+    _PLAN = "_planned_groups"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]) -> None:
+        super().__init__(optimizer, multiplier)
+        setattr(self, self._PLAN, [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop(self._PLAN, None)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        plan = getattr(self, self._PLAN)
+        multipliers = [dict(fn.__dict__) for fn in self.lr_lambdas]
+        base_lrs = list(self.base_lrs)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != self._PLAN})
+        setattr(self, self._PLAN, plan)
+        self.base_lrs = base_lrs
+        for fn, fields in zip(self.lr_lambdas, multipliers):
+            fn.__dict__.update(fields)
+        # Lightning restores the optimizer first: its groups now hold the saved hyperparameters and lr.
+        for group, planned in zip(self.optimizer.param_groups, plan):
+            for key, value in planned.items():
+                if key != "lr":
+                    group[key] = value
+        lrs = [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+                         for g in self.optimizer.param_groups]
 
 
 LR_SCALINGS: tuple[str, ...] = ("none", "linear", "sqrt")

@@ -1,9 +1,12 @@
-"""What `resume=auto` continues: the run as its `config.yaml` saved it, never a silently different one.
+"""What a resumed run continues: the run as its `config.yaml` saved it, or a change the user asked for by name.
 
-`python run.py run_dir=R resume=auto` alone continues R with its saved config; the original overrides need not be
-repeated. Overrides that are repeated must agree with the saved values; any that change the experiment are
-refused with a `key: saved -> requested` diff, since a changed config would be written over the record of the
-first segment while the restored optimizer kept running the old one.
+`python run.py run_dir=R resume=auto` alone continues R exactly, with its saved config; the original overrides
+need not be repeated, and any repeated one must agree with the saved value (a changed one is refused with a
+`key: saved -> requested` diff, since the restored optimizer would keep running the old config). Two modes change
+a run on purpose, each as a new *segment*: `resume=extend` takes a new length (trainer.max_epochs or max_steps;
+task.max_epochs downstream) and re-plans the schedule for the new end; `resume=force` takes any change that the
+checkpoint can carry. The config each segment ran with is kept as `config.<segment>.yaml` and the segments are
+listed in `segments.json` and the run's summary.json (ssl_lab.segments).
 """
 from __future__ import annotations
 
@@ -18,6 +21,12 @@ from ssl_lab.errors import ConfigError
 # what names or places a run, or what the run derives itself: not part of the experiment
 NOT_COMPARED = ("run_name", "run_dir", "resume", "scale")
 MAX_LISTED = 8
+MODES = ("auto", "extend", "force")
+# what decides where a run ends: resume=extend may change these (the task's own max_epochs downstream)
+LENGTH_KEYS = ("trainer.max_epochs", "trainer.max_steps", "task.max_epochs")
+# what the checkpoint's weights and optimizer state are made of: no mode can change them
+FIXED_KEYS = ("task.name", "method.name", "backbone.name", "optim.name", "task.freeze_backbone", "task.head",
+              "dataset.in_chans")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -72,21 +81,80 @@ def config_diff(saved: dict[str, Any], requested: dict[str, Any],
     return diff
 
 
+def _listed(diff: list[tuple[str, Any, Any]]) -> str:
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:MAX_LISTED])
+    return listed + (f" (and {len(diff) - MAX_LISTED} more)" if len(diff) > MAX_LISTED else "")
+
+
+def _apply(saved: dict[str, Any], diff: list[tuple[str, Any, Any]]) -> dict[str, Any]:
+    """`saved` with each differing key set to its requested value (removed where the request has none)."""
+    import copy
+
+    out = copy.deepcopy(saved)
+    for key, _, value in diff:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value == "<unset>":
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return out
+
+
+def _check_new_end(run_dir: Path, diff: list[tuple[str, Any, Any]]) -> None:
+    """resume=extend: the new end must lie past what the checkpoint has already trained."""
+    from ssl_lab.checkpoint_io import read_checkpoint, resume_position
+    from ssl_lab.tasks.common import LAST_CKPT
+
+    last = run_dir / LAST_CKPT
+    if not last.is_file():
+        return  # nothing trained yet: the run starts fresh with the new length
+    ckpt = read_checkpoint(last, mmap=True)
+    epochs_done, step = resume_position(ckpt)[0], int(ckpt.get("global_step", 0))
+    for key, _, value in diff:
+        if key.endswith("max_epochs") and value not in (None, -1) and int(value) <= epochs_done:
+            raise ConfigError(f"resume=extend: {run_dir} has trained {epochs_done} epoch(s) already; {key}={value} "
+                              f"does not go past them: pass a larger {key}.")
+        if key == "trainer.max_steps" and value not in (None, -1) and int(value) <= step:
+            raise ConfigError(f"resume=extend: {run_dir} has trained {step} step(s) already; trainer.max_steps="
+                              f"{value} does not go past them: pass a larger trainer.max_steps.")
+
+
 def continued_config(cfg: DictConfig, run_dir: Path, overridden: list[str] | None = None) -> DictConfig:
-    """The config a resume=auto run continues with: the saved one, if the run directory has one and the request
-    agrees with it (ConfigError with the diff otherwise); `cfg` itself for a run that has not saved one yet."""
-    if cfg.get("resume") != "auto":
+    """The config a resumed run continues with: the saved one (auto), the saved one with a new length (extend) or
+    with the requested changes (force); ConfigError with the diff for a change the mode does not allow. `cfg`
+    itself for resume=auto into a run that has not saved its config yet."""
+    mode = cfg.get("resume")
+    if mode not in MODES:
         return cfg
     saved = read_saved(run_dir)
     if saved is None:
-        return cfg
+        if mode == "auto":
+            return cfg
+        raise ConfigError(f"resume={mode}: {run_dir} holds no run to continue (no config.yaml); check run_dir, or "
+                          "start the run without resume=.")
     requested = OmegaConf.to_container(cfg, resolve=True)
     diff = config_diff(saved, requested, overridden)
-    if diff:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:MAX_LISTED])
-        more = f" (and {len(diff) - MAX_LISTED} more)" if len(diff) > MAX_LISTED else ""
-        raise ConfigError(f"resume=auto: {run_dir} was run with another config ({listed}{more}). resume=auto "
+    if mode == "auto" and diff:
+        raise ConfigError(f"resume=auto: {run_dir} was run with another config ({_listed(diff)}). resume=auto "
                           f"continues a run exactly as it was saved: drop those overrides (python run.py "
-                          f"run_dir={run_dir} resume=auto is enough), or start a new run_dir.")
-    saved = {k: v for k, v in saved.items() if k not in NOT_COMPARED}
-    return OmegaConf.create({**saved, **{k: requested.get(k) for k in NOT_COMPARED if k in requested}})
+                          f"run_dir={run_dir} resume=auto is enough), train longer with resume=extend, change it "
+                          "with resume=force, or start a new run_dir.")
+    fixed = [d for d in diff if d[0] in FIXED_KEYS]
+    if fixed:
+        raise ConfigError(f"resume={mode}: {_listed(fixed)} cannot change in a resumed run (the checkpoint holds "
+                          "that model and optimizer state); start a new run_dir (pretrained=<this run> starts from "
+                          "its weights).")
+    if mode == "extend":
+        other = [d for d in diff if d[0] not in LENGTH_KEYS]
+        if other:
+            raise ConfigError(f"resume=extend changes only where the run ends ({', '.join(LENGTH_KEYS)}); "
+                              f"{run_dir} was run with another config ({_listed(other)}): drop those overrides, or "
+                              "use resume=force to change them in a new segment.")
+    merged = _apply(saved, diff)
+    if mode == "extend":
+        _check_new_end(run_dir, diff)
+    merged = {k: v for k, v in merged.items() if k not in NOT_COMPARED}
+    return OmegaConf.create({**merged, **{k: requested.get(k) for k in NOT_COMPARED if k in requested}})

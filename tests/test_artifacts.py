@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,29 @@ def test_a_broken_or_foreign_model_file_is_named(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="model.pt: cannot be read as a model file"):
         load_model_file(tmp_path)
+
+
+def test_out_of_space_inside_torch_writer_is_disk_full_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError ("unexpected pos"): told apart by the free space."""
+    import shutil
+    from collections import namedtuple
+
+    from ssl_lab.errors import DiskFull
+
+    path = tmp_path / "w.pt"
+    atomic_write(path, lambda tmp: torch.save({"a": torch.ones(3)}, tmp))
+    before = path.read_bytes()
+
+    def full_disk(tmp):
+        Path(tmp).write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(DiskFull, match=r"w\.pt: no space left on the disk while writing it; the previous w\.pt is "
+                                       r"intact\. Free space there"):
+        atomic_write(path, full_disk)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 30, 1 << 30, 9 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # a disk with room: some other torch failure
+        atomic_write(path, full_disk)

@@ -138,7 +138,7 @@ def test_nan_loss_stops_before_the_step_and_no_checkpoint_holds_the_bad_state(tm
     assert "gradient norm nan (non-finite)" in msg and "backbone.net.0.weight" in msg
     assert msg.index("optim.lr=0.001") < msg.index("dataset.nan_policy") < msg.index("ssl_lab.inspect")
     assert "16-mixed" not in msg  # 32-true: mixed-precision overflow is not among the causes
-    assert f"{tmp_path / 'ckpt' / 'last.ckpt'} (step 3)" in msg and "resume=auto" in msg
+    assert f"{tmp_path / 'ckpt' / 'last.ckpt'} (step 3)" in msg and "resume=force optim.lr=0.0001" in msg
     assert "\n" not in msg  # one line for the CLI
 
     # The module is exactly as after step 2 (3 steps done): weights and BatchNorm running statistics.

@@ -60,6 +60,54 @@ def test_scheduler_resumes_from_state_dict():
     assert _lrs(sched2, opt2, 3) == pytest.approx(_lrs(sched, opt, 3))
 
 
+def test_restored_scheduler_continues_bit_identically_with_the_same_plan():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=3e-4, weight_decay=0.05)
+    sched = build_scheduler(opt, "cosine", total_steps=50, warmup_steps=5, min_lr_ratio=0.1)
+    _lrs(sched, opt, 13)
+    opt2 = torch.optim.AdamW([p], lr=3e-4, weight_decay=0.05)
+    sched2 = build_scheduler(opt2, "cosine", total_steps=50, warmup_steps=5, min_lr_ratio=0.1)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]  # exact, not approximately
+    assert _lrs(sched2, opt2, 10) == _lrs(sched, opt, 10)
+
+
+def test_restored_scheduler_follows_the_plan_of_a_longer_run():
+    """resume=extend: 10 planned steps all done (lr at the floor), then restored into a 30-step plan. torch's own
+    LambdaLR restore would keep total_steps=10 and train every further step at lr 0."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, "cosine", total_steps=10, warmup_steps=2)
+    _lrs(sched, opt, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+    opt2 = torch.optim.SGD([p], lr=1.0)
+    sched2 = build_scheduler(opt2, "cosine", total_steps=30, warmup_steps=2)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    expect = [warmup_cosine(s, 30, 2) for s in range(10, 15)]
+    assert _lrs(sched2, opt2, 5) == pytest.approx(expect)
+    assert expect[0] > 0.5  # the stretched cosine is far from its end at step 10
+
+
+def test_restored_scheduler_applies_this_runs_lr_and_weight_decay():
+    """resume=force with a new optim.lr / weight_decay: the restored optimizer would keep the saved ones."""
+    p = nn.Parameter(torch.zeros(1))
+    p.grad = torch.ones(1)
+    opt = torch.optim.SGD([p], lr=1.0, weight_decay=1e-4, momentum=0.9)
+    sched = build_scheduler(opt, "constant", total_steps=20)
+    _lrs(sched, opt, 4)
+    opt2 = torch.optim.SGD([p], lr=0.1, weight_decay=1e-3, momentum=0.9)
+    sched2 = build_scheduler(opt2, "constant", total_steps=20)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["lr"] == 1.0 and opt2.param_groups[0]["weight_decay"] == 1e-4  # torch's restore
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert opt2.param_groups[0]["weight_decay"] == 1e-3
+    assert sched2.last_epoch == sched.last_epoch  # the position is the checkpoint's
+    assert "momentum_buffer" in opt2.state[p]  # and so is the optimizer's state
+
+
 def test_scheduler_errors():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ConfigError, match="'step'.*cosine, constant"):

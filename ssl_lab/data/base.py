@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ssl_lab.data.bad_samples import SkipBadSamples, check_bad_samples, skip_collate
+from ssl_lab.data.resumable import PositionedLoader
 from ssl_lab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -275,9 +277,11 @@ class BaseDataModule(L.LightningDataModule):
     def __init__(
         self, name: str, in_chans: int, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
         stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
-        label_fraction: float = 1.0, split_seed: int = 0,
+        label_fraction: float = 1.0, split_seed: int = 0, bad_samples: str = "error", max_bad_samples: int = 100,
     ) -> None:
         super().__init__()
+        self.bad_samples, self.max_bad_samples = check_bad_samples(bad_samples, max_bad_samples)
+        self._skipping: dict[str, SkipBadSamples] = {}  # split -> the wrapper that counts its skipped samples
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ConfigError(f"dataset.in_chans={in_chans!r} must be a positive integer (the data's channel count).")
         # a value typed on the command line may arrive as a string or a float: refused here, not deep in a loader
@@ -333,6 +337,17 @@ class BaseDataModule(L.LightningDataModule):
         if self.labelled:
             return label_subset(train, labels, self.label_fraction, self.split_seed)
         return np.union1d(train, val).astype(np.int64)
+
+    def _check_splits(self, where: str, sizes: dict[str, int], total: int, fixes: dict[str, str],
+                      dropped: int = 0) -> None:
+        """Refuse, in one line naming the split, the data's sample count and the fix, a split this mode needs that
+        holds no sample: the train split (what the training loader reads) always, the test split in labelled mode
+        (the one score a downstream run reports). An empty val split is allowed: the tasks warn and go on."""
+        for split in ("train", "test") if self.labelled else ("train",):
+            if sizes.get(split, 0) == 0:
+                after = f", {dropped} of them dropped for NaN/Inf by dataset.nan_policy=drop" if dropped else ""
+                raise DataError(f"{where}: the {split} split has 0 samples (the data has {total} samples{after}); "
+                                f"{fixes[split]}.")
 
     def _record_splits(self, **splits: dict[str, Any]) -> None:
         """Keep train / val / test / fit as group -> ids for ``split_record`` (see its docstring)."""
@@ -416,10 +431,26 @@ class BaseDataModule(L.LightningDataModule):
         if 0 < done * self.batch_size < len(sampler):
             sampler.skip(epoch, done * self.batch_size)
             log.info("resuming epoch %d after its first %d batches", epoch, done)
-        return DataLoader(
+        order = {"seed": self.seed, "samples": len(dataset), "batch_size": self.batch_size, "world": world}
+        extra: dict[str, Any] = {}
+        # The test split is never read around its bad samples: a score on part of it would pass for the whole.
+        if self.bad_samples == "skip" and dataset is not self.test_set:
+            split = "train" if train else "val"
+            if split not in self._skipping or self._skipping[split].dataset is not dataset:
+                self._skipping[split] = SkipBadSamples(dataset, self.max_bad_samples, split)
+            dataset = self._skipping[split]
+            extra["collate_fn"] = skip_collate
+        return PositionedLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0, worker_init_fn=worker_init,
+            order=order, **extra,
         )
+
+    def bad_sample_counts(self) -> dict[str, Any]:
+        """What dataset.bad_samples did in this process: the policy, and per split how many were skipped."""
+        return {"policy": self.bad_samples, "max": self.max_bad_samples,
+                "skipped": {k: w.count() for k, w in self._skipping.items()},
+                "examples": {k: w.examples() for k, w in self._skipping.items() if w.count()}}
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from ssl_lab.data.resumable import PositionedLoader
+
 BLOCK_TARGET_BYTES = 16 << 20  # smallest read worth making: sequential reads this large run at disk speed
 
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; BlockStream splits its work
@@ -245,9 +247,11 @@ class EpochSignal(Sampler):
 
 def stream_loader(stream: BlockStream, num_workers: int, pin_memory: bool = False, **kw: Any) -> DataLoader:
     """A DataLoader over a BlockStream whose ``sampler.set_epoch`` reaches the stream (and its workers)."""
-    loader = DataLoader(
+    order = {"seed": stream.seed, "samples": len(stream.source.indices), "batch_size": stream.batch_size,
+             "world": stream.world, "block": stream.block}
+    loader = PositionedLoader(
         stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0, **kw,
+        persistent_workers=num_workers > 0, order=order, **kw,
     )
     # DataLoader refuses a sampler for an IterableDataset and freezes the attribute after __init__; Lightning only
     # looks for set_epoch there, so the stand-in is installed past that guard.

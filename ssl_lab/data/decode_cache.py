@@ -1,11 +1,14 @@
-"""Image folders decoded once into one memory-mapped uint8 array, so PNG/JPG files are not decoded every epoch.
+"""Image folders decoded once into one memory-mapped array, so PNG/JPG/TIFF files are not decoded every epoch.
 
-``<cache_dir>/<root name>-<key>.npy`` holds [N, C, H, W] uint8, one row per file in the given (sorted) order, beside
-a ``.json`` sidecar naming the rows whose file could not be decoded: those are decoded again, and fail, when read,
-exactly as without a cache. The key hashes every file's path relative to the root, its size and mtime (ns), and the
-decode parameters, so a changed, added or removed file, or another size or channel count, names another cache; an
-old cache is never overwritten or deleted (remove the cache dir to reclaim its space). One process builds while any
-other waits on a lock beside the file, and the file appears by an atomic rename, so no one reads half of one.
+``<cache_dir>/<root name>-<key>.npy`` holds [N, C, H, W], one row per file in the given (sorted) order, in the dtype
+the first decodable file decodes to: uint8 for 8-bit images, float32 for deeper ones (16-bit PNG, TIFF), so no bit
+is lost. A file of the other dtype stops the build with one line (a folder mixing bit depths is refused). The
+``.json`` sidecar records the dtype and names the rows whose file could not be decoded: those are decoded again,
+and fail, when read, exactly as without a cache. The key hashes every file's path relative to the root, its size
+and mtime (ns), and the decode parameters, so a changed, added or removed file, or another size or channel count,
+names another cache; an old cache is never overwritten or deleted (remove the cache dir to reclaim its space). One
+process builds while any other waits on a lock beside the file, and the file appears by an atomic rename, so no one
+reads half of one.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "ssl_lab.decode_cache"
 CACHE_VERSION = 1
+DTYPES = ("uint8", "float32")  # 8-bit images; deeper ones, in their own units
 PROGRESS_SECONDS = 10.0  # a build that takes longer than this logs its progress this often
 PARALLEL_FROM = 256  # files; fewer decode faster in the process than worker start-up takes
 
@@ -47,10 +51,16 @@ class DecodeCache:
     copied whole, so only the path travels (a forked worker shares the parent's read-only mapping)."""
 
     def __init__(self, path: Path, shape: tuple[int, ...], bad: Mapping[int, str], built: bool,
-                 array: np.ndarray | None = None) -> None:
+                 array: np.ndarray | None = None, dtype: str = "uint8") -> None:
         self.path, self.shape, self.built = str(path), tuple(int(s) for s in shape), built
+        self.dtype = np.dtype(dtype)
         self.bad = dict(bad)  # row -> why its file could not be decoded
         self._array = array
+
+    @property
+    def first(self) -> int:
+        """The row of the first file that decoded: the one whose shape and dtype the cache holds."""
+        return next(r for r in range(self.shape[0]) if r not in self.bad)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_array": None}
@@ -60,6 +70,19 @@ class DecodeCache:
         if self._array is None:
             self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
         return self._array
+
+
+def depth_name(dtype: np.dtype) -> str:
+    return "8-bit (uint8)" if np.dtype(dtype) == np.uint8 else f"more than 8 bits ({np.dtype(dtype)})"
+
+
+def mixed_depth_error(first: str, first_dtype: np.dtype, other: str, other_dtype: np.dtype) -> DataError:
+    """One folder, two bit depths: the values of an 8-bit and a 16-bit image are on different scales."""
+    return DataError(
+        f"{other}: decodes as {depth_name(other_dtype)} but {first} as {depth_name(first_dtype)}: the folder mixes "
+        "bit depths, whose values are on different scales (0..255 for 8 bits, 0..65535 for 16); convert every file "
+        "to one bit depth (e.g. all 16-bit PNG or TIFF, or all 8-bit)."
+    )
 
 
 def cache_path(cache_dir: Path, root: Path, files: Sequence[str], params: Mapping[str, Any]) -> Path:
@@ -90,8 +113,8 @@ def load_or_build(
             return cache
         if why:
             log.warning("decode cache %s is unusable (%s); rebuilding it", path, why)
-        shape = (in_chans, image_size, image_size) if image_size else _first_shape(files, decode)
-        return _build(path, files, decode, shape, workers)
+        first, shape, dtype = _first(files, decode)
+        return _build(path, files, decode, shape, dtype, first, workers)
 
 
 def _open(path: Path, n: int, in_chans: int, image_size: int | None) -> tuple[DecodeCache | None, str]:
@@ -105,14 +128,17 @@ def _open(path: Path, n: int, in_chans: int, image_size: int | None) -> tuple[De
     except (OSError, ValueError, EOFError) as e:  # a torn header, short data, a missing or torn sidecar
         return None, f"unreadable: {e}"
     want = (n, in_chans, image_size, image_size) if image_size else (n, in_chans)
-    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[: len(want)] != want:
-        return None, f"{a.dtype} {a.shape} in its header, expected uint8 {want}[+ H, W]"
+    dtype = meta.get("dtype", "uint8") if isinstance(meta, dict) else None  # caches before float32 had no dtype
+    if dtype not in DTYPES:
+        return None, f"its sidecar {path.with_suffix('.json').name} names dtype {dtype!r}, not one of {DTYPES}"
+    if a.dtype != dtype or a.ndim != 4 or a.shape[: len(want)] != want:
+        return None, f"{a.dtype} {a.shape} in its header, expected {dtype} {want}[+ H, W]"
     if not isinstance(a, np.memmap) or a.offset + a.nbytes != size:
         return None, f"{size} bytes on disk for a {a.shape} array"
     bad = _bad_rows(meta, a.shape)
     if bad is None:
         return None, f"its sidecar {path.with_suffix('.json').name} does not describe it"
-    return DecodeCache(path, a.shape, bad, built=False, array=a), ""
+    return DecodeCache(path, a.shape, bad, built=False, array=a, dtype=dtype), ""
 
 
 def _bad_rows(meta: Any, shape: tuple[int, ...]) -> dict[int, str] | None:
@@ -151,43 +177,53 @@ def _build_lock(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def _first_shape(files: Sequence[str], decode: Decode) -> tuple[int, ...]:
-    """Without image_size, the first file that decodes fixes the shape (the order is the sorted file list, so every
-    run and mode agrees); a folder where none decodes fails with the first file's error."""
+def _first(files: Sequence[str], decode: Decode) -> tuple[int, tuple[int, ...], str]:
+    """(index, shape, dtype) of the first file that decodes: it fixes the cache's shape (without image_size) and
+    dtype (the order is the sorted file list, so every run and mode agrees); a folder where none decodes fails with
+    the first file's error."""
     first: DataError | None = None
-    for f in files:
+    for i, f in enumerate(files):
         try:
-            return tuple(decode(f).shape)
+            a = decode(f)
         except DataError as e:
             first = first or e
+            continue
+        if str(a.dtype) not in DTYPES:
+            raise DataError(f"{f}: decodes to {a.dtype}, which the decode cache cannot hold; set "
+                            "dataset.decode_cache=false.")
+        return i, tuple(a.shape), str(a.dtype)
     raise first if first else DataError("no files to cache")
 
 
 class _Chunks(Dataset):
     """Consecutive files decoded in a worker; failures come back as messages, so they never abort the build."""
 
-    def __init__(self, files: Sequence[str], decode: Decode, shape: tuple[int, ...], chunk: int) -> None:
-        self.files, self.decode, self.shape, self.chunk = files, decode, shape, chunk
+    def __init__(self, files: Sequence[str], decode: Decode, shape: tuple[int, ...], dtype: str, chunk: int) -> None:
+        self.files, self.decode, self.shape, self.dtype, self.chunk = files, decode, shape, np.dtype(dtype), chunk
 
     def __len__(self) -> int:
         return math.ceil(len(self.files) / self.chunk)
 
-    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, dict[int, str]]:
+    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, dict[int, str], dict[int, str]]:
+        """(first row, decoded rows, {row: why it could not be decoded}, {row: its other dtype})."""
         start = k * self.chunk
         part = self.files[start : start + self.chunk]
-        block, bad = np.zeros((len(part), *self.shape), np.uint8), {}
+        block, bad, mixed = np.zeros((len(part), *self.shape), self.dtype), {}, {}
         for j, f in enumerate(part):
             try:
                 a = self.decode(f)
             except DataError as e:
                 bad[start + j] = str(e)
                 continue
-            if a.shape != self.shape or a.dtype != np.uint8:
-                bad[start + j] = (f"{f}: decoded {a.dtype} {a.shape} differs from uint8 {self.shape} of the first "
-                                  "file; set dataset.image_size to resize every file to one size.")
+            if a.dtype != self.dtype:
+                mixed[start + j] = str(a.dtype)
+                continue
+            if a.shape != self.shape:
+                bad[start + j] = (f"{f}: decoded {a.dtype} {a.shape} differs from {self.dtype} {self.shape} of the "
+                                  "first file; set dataset.image_size to resize every file to one size.")
                 continue
             block[j] = a
-        return start, torch.from_numpy(block), bad
+        return start, torch.from_numpy(block), bad, mixed
 
 
 def _reserve(path: Path, nbytes: int) -> None:
@@ -205,20 +241,26 @@ def _reserve(path: Path, nbytes: int) -> None:
         os.close(fd)
 
 
-def _build(path: Path, files: Sequence[str], decode: Decode, shape: tuple[int, ...], workers: int) -> DecodeCache:
+def _build(path: Path, files: Sequence[str], decode: Decode, shape: tuple[int, ...], dtype: str, first: int,
+           workers: int) -> DecodeCache:
+    """``first``: the index of the file whose ``shape`` and ``dtype`` every row must have (see _first)."""
     n = len(files)
     workers = workers if n >= PARALLEL_FROM else 0
     chunk = max(1, min(64, math.ceil(n / (4 * max(1, workers)))))
-    loader = DataLoader(_Chunks(files, decode, shape, chunk), batch_size=None, num_workers=workers)
-    log.info("decode cache: decoding %d files once into %s (%.1f MB, %d workers)", n, path,
-             n * math.prod(shape) / 1e6, loader.num_workers)
+    loader = DataLoader(_Chunks(files, decode, shape, dtype, chunk), batch_size=None, num_workers=workers)
+    log.info("decode cache: decoding %d files once into %s (%.1f MB of %s, %d workers)", n, path,
+             n * math.prod(shape) * np.dtype(dtype).itemsize / 1e6, dtype, loader.num_workers)
     t0 = last = time.monotonic()
     bad: dict[int, str] = {}
     with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, *shape))
         _reserve(tmp, out.offset + out.nbytes)
         done = 0
-        for start, block, errors in loader:
+        for start, block, errors, mixed in loader:
+            if mixed:
+                row = min(mixed)
+                del out
+                raise mixed_depth_error(files[first], np.dtype(dtype), files[row], np.dtype(mixed[row]))
             out[start : start + len(block)] = block.numpy()
             bad.update(errors)
             done += len(block)
@@ -227,10 +269,10 @@ def _build(path: Path, files: Sequence[str], decode: Decode, shape: tuple[int, .
                 log.info("decode cache: %d / %d files (%.0f/s)", done, n, done / (last - t0))
         out.flush()
         del out
-        meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "shape": [n, *shape],
+        meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "shape": [n, *shape], "dtype": dtype,
                 "bad": [[r, m] for r, m in sorted(bad.items())]}
         write_json(path.with_suffix(".json"), meta)  # before the array appears: a reader needs both
     seconds = time.monotonic() - t0
     log.info("decode cache: built %s in %.1f s (%.0f files/s; %d could not be decoded)", path, seconds,
              n / max(seconds, 1e-9), len(bad))
-    return DecodeCache(path, (n, *shape), bad, built=True)
+    return DecodeCache(path, (n, *shape), bad, built=True, dtype=dtype)

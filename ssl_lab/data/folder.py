@@ -1,4 +1,13 @@
-"""Image folders: PNG/JPG or .npy files, flat (unlabelled), class sub-folders, or DeepLense train/val/{class}/."""
+"""Image folders: PNG/JPG, TIFF or .npy files, flat (unlabelled), class sub-folders, or DeepLense train/val/{class}/.
+
+Bit depth. 8-bit files (every JPG, 8-bit PNG, 8-bit TIFF) decode to uint8 exactly as they always did: normalisation
+statistics are those of x / 255 and the decode cache holds uint8. Files of more than 8 bits (16-bit greyscale PNG,
+16/32-bit integer or float TIFF) decode to float32 holding their own values (0..65535 for 16 bits: never rescaled
+or clipped to 8 bits); their statistics and the augmentation work in those raw units, and the cache holds float32.
+A folder that mixes the two is refused (a careful reading of such data cannot guess whether 200 in an 8-bit file
+and 200 in a 16-bit file mean the same intensity): convert the files to one bit depth. 16-bit colour PNGs are
+refused too, since Pillow reads only their top 8 bits; store them as TIFF or .npy. .npy arrays are float32 as before.
+"""
 
 from __future__ import annotations
 
@@ -18,51 +27,119 @@ from torch.utils.data import Dataset
 from ssl_lab.data.base import (
     BaseDataModule, ChannelStats, check_classes, check_fraction, check_stratifiable, split_rows,
 )
-from ssl_lab.data.decode_cache import DecodeCache, cache_path, load_or_build
+from ssl_lab.data.decode_cache import DecodeCache, cache_path, load_or_build, mixed_depth_error
 from ssl_lab.errors import ConfigError, DataError
+
+try:  # reads every TIFF (multi-page, multi-channel, float); without it Pillow reads the single-band ones
+    import tifffile
+except ImportError:  # pragma: no cover - depends on the environment
+    tifffile = None
 
 log = logging.getLogger(__name__)
 
 
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg"})
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg"})  # decoded by Pillow as greyscale or RGB
+TIFF_EXTS = frozenset({".tif", ".tiff"})  # arrays of any depth and channel count, read like .npy
 ARRAY_EXTS = frozenset({".npy"})
+FILE_EXTS = IMAGE_EXTS | TIFF_EXTS | ARRAY_EXTS
+HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # Pillow's single-band modes > 8 bits
 
 
 def _files(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS | ARRAY_EXTS)
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in FILE_EXTS)
+
+
+def _rawmodes(im: Image.Image) -> list[str]:
+    """How Pillow unpacks the file's pixels (e.g. 'RGB;16B' for 16-bit RGB, which it cuts to 8-bit 'RGB')."""
+    return [str(t[3][0] if isinstance(t[3], tuple) else t[3]) for t in (im.tile or [])]
 
 
 def load_file(path: str, in_chans: int, image_size: int | None) -> np.ndarray:
-    """Decode one file to [C, H, W]: uint8 for PNG/JPG, float32 for .npy; resized when image_size is set."""
+    """Decode one file to [C, H, W]: uint8 for 8-bit PNG/JPG/TIFF, float32 for images of more bits (their own
+    values, not rescaled) and for .npy; resized when image_size is set (see the module docstring)."""
     p = Path(path)
-    if p.suffix.lower() in IMAGE_EXTS:
+    ext = p.suffix.lower()
+    if ext in TIFF_EXTS:
+        return _from_array(p, _read_tiff(p), in_chans, image_size, "TIFF image", keep_uint8=True)
+    if ext in IMAGE_EXTS:
         try:
             with Image.open(p) as im:
-                im = im.convert("L" if in_chans == 1 else "RGB")
-                if image_size and im.size != (image_size, image_size):
-                    im = im.resize((image_size, image_size), Image.BILINEAR)
-                a = np.array(im)  # a writable copy (torch refuses read-only buffers)
+                if im.mode in HIGH_DEPTH_MODES:  # 16-bit greyscale PNG: every bit kept, as float32
+                    a = np.asarray(im)
+                else:
+                    if any(";16" in m for m in _rawmodes(im)):
+                        raise DataError(
+                            f"{p}: is a 16-bit colour PNG, which Pillow reads only as 8 bits per channel; save it as "
+                            "a 16-bit TIFF (e.g. tifffile.imwrite) or a .npy array to keep every bit, or as 8-bit."
+                        )
+                    im = im.convert("L" if in_chans == 1 else "RGB")
+                    if image_size and im.size != (image_size, image_size):
+                        im = im.resize((image_size, image_size), Image.BILINEAR)
+                    a = np.array(im)  # a writable copy (torch refuses read-only buffers)
+                    return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"{p}: cannot be read as an image ({e}); remove or replace the file.") from None
-        return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        if in_chans != 1:
+            raise DataError(f"{p}: is a greyscale image of more than 8 bits (Pillow mode {im.mode}) but "
+                            f"dataset.in_chans={in_chans} would read it as colour; set dataset.in_chans=1.")
+        return _from_array(p, a, in_chans, image_size, "image")
     try:
         a = np.load(p, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"{p}: cannot be read as a .npy array ({e}); remove or replace the file.") from None
+    return _from_array(p, a, in_chans, image_size, "array")
+
+
+def _read_tiff(p: Path) -> np.ndarray:
+    """The TIFF's pixels as stored: tifffile reads every page (stacked as channels) and sample; without it, or for
+    a compression it cannot decode, Pillow reads single-page greyscale (8/16/32-bit, float) and 8-bit RGB."""
+    first: Exception | None = None
+    if tifffile is not None:
+        try:
+            a = np.asarray(tifffile.imread(p))
+            while a.ndim > 3 and a.shape[0] == 1:
+                a = a[0]
+            return a
+        except Exception as e:  # noqa: BLE001 - tifffile raises many kinds for damaged or unsupported files
+            first = e
+    try:
+        with Image.open(p) as im:
+            modes = _rawmodes(im)
+            frames = getattr(im, "n_frames", 1)
+            if frames == 1 and (im.mode in HIGH_DEPTH_MODES or (im.mode in ("L", "RGB")
+                                                               and not any(";16" in m for m in modes))):
+                return np.array(im)
+            what = f"{frames} pages" if frames > 1 else f"Pillow mode {im.mode} ({', '.join(modes) or '?'})"
+            first = first or ValueError(f"{what}: Pillow cannot read it at full depth; pip install tifffile")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        first = first or e
+    raise DataError(f"{p}: cannot be read as a TIFF image ({first}); remove or replace the file.")
+
+
+def _from_array(p: Path, a: np.ndarray, in_chans: int, image_size: int | None, what: str,
+                keep_uint8: bool = False) -> np.ndarray:
+    """[H, W], [C, H, W] or [H, W, C] -> [C, H, W] with C == in_chans: uint8 when ``keep_uint8`` and the data is
+    8-bit (resized by Pillow, as PNG/JPG are), else float32 (resized bilinearly by torch)."""
     if a.dtype.kind not in "iufb":
-        raise DataError(f"{p}: array dtype {a.dtype} is not numeric; store images as float or integer arrays.")
+        raise DataError(f"{p}: {what} dtype {a.dtype} is not numeric; store images as float or integer arrays.")
     if a.ndim == 2:
         a = a[None]
     elif a.ndim == 3 and a.shape[0] != in_chans and a.shape[2] == in_chans:
         a = a.transpose(2, 0, 1)
     elif a.ndim != 3:
-        raise DataError(f"{p}: array shape {a.shape} is not [H, W], [C, H, W] or [H, W, C].")
+        raise DataError(f"{p}: {what} shape {a.shape} is not [H, W], [C, H, W] or [H, W, C].")
     if a.shape[0] != in_chans:
         raise DataError(
-            f"{p}: array shape {a.shape} has no axis of dataset.in_chans={in_chans} channels; "
+            f"{p}: {what} shape {a.shape} has no axis of dataset.in_chans={in_chans} channels; "
             "set dataset.in_chans to the file's channel count."
         )
-    t = torch.from_numpy(np.array(a, dtype=np.float32, order="C"))
+    if keep_uint8 and a.dtype == np.uint8:
+        if image_size and a.shape[1:] != (image_size, image_size):
+            a = np.stack([np.array(Image.fromarray(np.ascontiguousarray(c)).resize((image_size, image_size),
+                                                                                   Image.BILINEAR)) for c in a])
+        return np.array(a, dtype=np.uint8, order="C")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, which the stats pass names
+        t = torch.from_numpy(np.array(a, dtype=np.float32, order="C"))
     if image_size and t.shape[1:] != (image_size, image_size):
         t = F.interpolate(t[None], size=(image_size, image_size), mode="bilinear", align_corners=False)[0]
     return t.numpy()
@@ -71,13 +148,15 @@ def load_file(path: str, in_chans: int, image_size: int | None) -> np.ndarray:
 class FolderDataset(Dataset):
     """Reads each file's row of the decode cache, else decodes the file in the worker (no cache, .npy arrays, or a
     file the cache could not decode, whose error then comes on reading it, as without a cache); every sample must
-    come out with the shape found in setup."""
+    come out with the shape and dtype (bit depth) of ``first``, the first file, found in setup."""
 
     def __init__(
         self, files: list[str], labels: np.ndarray | None, in_chans: int, image_size: int | None,
-        shape: tuple[int, ...], cache: DecodeCache | None = None, rows: np.ndarray | None = None,
+        first: tuple[str, tuple[int, ...], np.dtype], cache: DecodeCache | None = None,
+        rows: np.ndarray | None = None,
     ) -> None:
-        self.files, self.labels, self.in_chans, self.image_size, self.shape = files, labels, in_chans, image_size, shape
+        self.files, self.labels, self.in_chans, self.image_size = files, labels, in_chans, image_size
+        self.first_file, self.shape, self.dtype = first[0], tuple(first[1]), np.dtype(first[2])
         self.cache, self.rows = cache, rows  # rows[i]: file i's row of the cache, -1 where the cache lacks it
 
     def __len__(self) -> int:
@@ -93,6 +172,8 @@ class FolderDataset(Dataset):
         if self.cache is not None and self.rows[i] >= 0:
             return np.array(self.cache.array[self.rows[i]])  # a writable copy (torch refuses read-only buffers)
         a = load_file(self.files[i], self.in_chans, self.image_size)
+        if a.dtype != self.dtype:
+            raise mixed_depth_error(self.first_file, self.dtype, self.files[i], a.dtype)
         if a.shape != self.shape:
             raise DataError(
                 f"{self.files[i]}: decoded shape {a.shape} differs from {self.shape} of the first file; "
@@ -110,6 +191,10 @@ class FolderDataset(Dataset):
 class FolderDataModule(BaseDataModule):
     """Files are listed once in setup, sorted, so the split and sample order are deterministic.
 
+    PNG/JPG/TIFF files of 8 bits decode to uint8, deeper ones to float32 in their own units; a folder mixing the
+    two is refused (see the module docstring). Float data must be finite: folders have no dataset.nan_policy, so a
+    NaN/Inf pixel in the files the stats pass reads is refused with the file's name.
+
     Both modes split alike (see BaseDataModule): root/{class}/ is split train/val/test by the fractions, test
     first, stratified; a flat root/ has no test split (it cannot be used downstream); root/{train,val}/ (DeepLense)
     gives train -> train + val_fraction as val, val -> test; root/{train,val,test}/ is used as given. Labelled mode
@@ -120,11 +205,12 @@ class FolderDataModule(BaseDataModule):
         self, name: str, root: str, in_chans: int, image_size: int | None = None, val_fraction: float = 0.2,
         batch_size: int = 64, num_workers: int = 2, seed: int = 0, stats_max_samples: int = 4096,
         labelled: bool = False, test_fraction: float = 0.2, label_fraction: float = 1.0, split_seed: int = 0,
-        cache_dir: str = ".cache/ssl_lab", decode_cache: bool = True,
+        cache_dir: str = ".cache/ssl_lab", decode_cache: bool = True, bad_samples: str = "error",
+        max_bad_samples: int = 100,
     ) -> None:
         super().__init__(
             name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction,
-            split_seed,
+            split_seed, bad_samples=bad_samples, max_bad_samples=max_bad_samples,
         )
         self.root, self.image_size, self.val_fraction = root, image_size, check_fraction(val_fraction)
         self.layout = ""
@@ -144,7 +230,7 @@ class FolderDataModule(BaseDataModule):
                 "folder (unlabelled) or one sub-folder per class."
             )
         if not top and not subdirs:
-            exts = ", ".join(sorted(IMAGE_EXTS | ARRAY_EXTS))
+            exts = ", ".join(sorted(FILE_EXTS))
             raise DataError(f"{d}: no image files ({exts}) found directly inside or in class sub-folders; "
                             "check dataset.root.")
         if top:
@@ -195,16 +281,17 @@ class FolderDataModule(BaseDataModule):
         fit = self._fit_rows(train, val, labels)
         pick = lambda rows: ([files[i] for i in rows], None if labels is None else labels[rows])  # noqa: E731
         (tr_files, tr_labels), (va_files, va_labels), (te_files, te_labels) = pick(fit), pick(val), pick(test)
-        kinds = {Path(f).suffix.lower() in ARRAY_EXTS for f in files}
-        if len(kinds) > 1:
-            raise DataError(f"{root}: mixes .npy arrays and PNG/JPG images; keep one kind of file per dataset.")
-        if not kinds.pop() and self.in_chans not in (1, 3):
+        exts = {Path(f).suffix.lower() for f in files}
+        if exts & ARRAY_EXTS and exts - ARRAY_EXTS:
+            raise DataError(f"{root}: mixes .npy arrays and PNG/JPG/TIFF images; keep one kind of file per dataset.")
+        if exts & IMAGE_EXTS and self.in_chans not in (1, 3):
             raise DataError(
                 f"{root}: PNG/JPG images are read as 1 (greyscale) or 3 (RGB) channels but dataset.in_chans="
-                f"{self.in_chans}; set dataset.in_chans=1 or 3, or store .npy arrays."
+                f"{self.in_chans}; set dataset.in_chans=1 or 3, or store TIFF or .npy arrays."
             )
-        if not tr_files:
-            raise DataError(f"{root}: the train split is empty; lower dataset.val_fraction or add files.")
+        self._check_splits(str(root), {"train": len(tr_files), "val": len(va_files), "test": len(te_files)},
+                           len(files), {"train": "lower dataset.val_fraction or add files",
+                                        "test": "add files to the test folder or lower dataset.test_fraction"})
         make, first = self._dataset_maker(root, files, tr_files[0])
         self.image_shape = (int(first.shape[1]), int(first.shape[2]))
         self.train_set, self.val_set = make(tr_files, tr_labels), make(va_files, va_labels)
@@ -217,7 +304,7 @@ class FolderDataModule(BaseDataModule):
                                {"train": train, "val": val, "test": test, "fit": fit}.items()})
         # image stats over every training image: label_fraction limits labels, not images
         pool = self.train_set if not self.labelled else make(pick(train)[0], None)
-        self.mean, self.std = self._stats(pool, first.dtype == np.uint8)
+        self.mean, self.std = self._stats(pool, root)
 
     def _split_source(self) -> dict[str, Any]:
         return {"kind": "folder", "root": str(Path(str(self.root)).expanduser().resolve())}
@@ -242,19 +329,28 @@ class FolderDataModule(BaseDataModule):
                                else "dataset.decode_cache=false"}
 
             def plain(f: list[str], y: np.ndarray | None) -> FolderDataset:
-                return FolderDataset(f, y, self.in_chans, self.image_size, first.shape)
+                return FolderDataset(f, y, self.in_chans, self.image_size, (first_file, first.shape, first.dtype))
 
             return plain, first
         rel = {f: Path(f).relative_to(root).as_posix() for f in files}
         ordered = sorted(rel, key=rel.__getitem__)
         params = {"in_chans": self.in_chans, "image_size": self.image_size, "decode": f"Pillow {PIL.__version__}"}
+        exts = {Path(f).suffix.lower() for f in files}
+        if exts & (TIFF_EXTS | {".png"}):
+            # files that may hold more than 8 bits: their caches before full-depth decoding held them clipped to
+            # uint8, so these keys differ from those (JPG, always 8-bit, keeps its caches)
+            params["depth"] = "full"
+        if exts & TIFF_EXTS:
+            params["decode"] += f", tifffile {getattr(tifffile, '__version__', 'absent')}"
         cache = load_or_build(cache_path(self.cache_dir, root, ordered, params), ordered, decode, self.in_chans,
                               self.image_size, self.num_workers)
         row_of = {f: r for r, f in enumerate(ordered) if r not in cache.bad}
+        first_cached = ordered[cache.first]
 
         def cached(f: list[str], y: np.ndarray | None) -> FolderDataset:
             rows = np.array([row_of.get(x, -1) for x in f], np.int64)  # -1: decoded when read
-            return FolderDataset(f, y, self.in_chans, self.image_size, cache.shape[1:], cache, rows)
+            return FolderDataset(f, y, self.in_chans, self.image_size, (first_cached, cache.shape[1:], cache.dtype),
+                                 cache, rows)
 
         bad = [rel[ordered[r]] for r in sorted(cache.bad)]
         if bad:
@@ -271,15 +367,39 @@ class FolderDataModule(BaseDataModule):
             )
         check_classes(labels, str(d), "Add a sub-folder of images for each other class.", names=classes)
 
-    def _stats(self, ds: FolderDataset, is_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stats(self, ds: FolderDataset, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
         """Reads a seeded sample of train images (their decode-cache rows once the cache exists), which also
-        surfaces unreadable files before training."""
+        surfaces unreadable files, mixed bit depths and NaN/Inf pixels before training. uint8 data: stats of x/255;
+        float data (deeper images, arrays): of x in its own units."""
         n = len(ds)
         idx = np.sort(np.random.default_rng(self.seed + 1).choice(n, min(n, self.stats_max_samples), replace=False))
         stats = ChannelStats(self.in_chans)
+        bad: list[tuple[str, int]] = []  # (file, non-finite pixels) of the sampled files that have some
+        finite = 0
         for s in range(0, len(idx), 256):
-            stats.update(ds.read_many(idx[s : s + 256]), channel_axis=1)
-        return stats.result(1 / 255 if is_uint8 else 1.0)
+            block = ds.read_many(idx[s : s + 256])
+            if block.dtype.kind == "f":
+                ok = np.isfinite(block)
+                if not ok.all():
+                    per_file = (~ok).reshape(len(block), -1).sum(axis=1)
+                    bad += [(ds.files[idx[s + j]], int(per_file[j])) for j in np.flatnonzero(per_file)]
+                    finite += int(np.count_nonzero(ok))
+                    continue
+                finite += block.size
+            stats.update(block, channel_axis=1)
+        if bad and not finite:
+            raise DataError(
+                f"no finite pixel in {root}: every pixel of the {len(idx)} files sampled (e.g. {bad[0][0]}) is "
+                "NaN/Inf; check how the files were written (python -m ssl_lab.inspect <folder>) or set dataset.root."
+            )
+        if bad:
+            file, count = bad[0]
+            raise DataError(
+                f"{file}: holds {count} non-finite (NaN/Inf) pixels ({len(bad)} of the {len(idx)} files sampled have "
+                "some); image folders have no dataset.nan_policy: replace them in the files (e.g. numpy.nan_to_num) "
+                "or store the data as HDF5 and set dataset.nan_policy."
+            )
+        return stats.result(1 / 255 if ds.dtype == np.uint8 else 1.0)
 
     def _summary_extra(self) -> dict[str, Any]:
         return {"root": str(self.root), "layout": self.layout, "image_size": self.image_size,

@@ -238,10 +238,11 @@ class H5DataModule(BaseDataModule):
         stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
         label_fraction: float = 1.0, read: str = "auto", block_samples: int | None = None, window_blocks: int = 4,
         split_keys: Mapping[str, str] | None = None, split_seed: int = 0, label_map: Mapping[Any, int] | None = None,
+        bad_samples: str = "error", max_bad_samples: int = 100,
     ) -> None:
         super().__init__(
             name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction,
-            split_seed,
+            split_seed, bad_samples=bad_samples, max_bad_samples=max_bad_samples,
         )
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"dataset.nan_policy={nan_policy!r} is not one of {', '.join(NAN_POLICIES)}.")
@@ -541,12 +542,13 @@ class H5DataModule(BaseDataModule):
     def _scan(
         self, ds: Any, n: int, train_idx: np.ndarray, layout: str, scale: np.ndarray | None = None,
         offset: np.ndarray | None = None,
-    ) -> tuple[ChannelStats, np.ndarray, int, int]:
+    ) -> tuple[ChannelStats, np.ndarray, int, int, np.ndarray, int]:
         """One pass over chosen blocks: per-channel stats on up to stats_max_samples train rows, non-finite counts.
 
         Every block is read when samples must be dropped (all bad ones must be known) or the data is in memory;
         otherwise random blocks are read until they hold enough train rows, so setup time stays bounded.
-        Returns (stats, indices of samples with non-finite pixels, non-finite pixel count, samples scanned).
+        Returns (stats, indices of samples with non-finite pixels, non-finite pixel count, samples scanned,
+        non-finite pixels per channel, samples with no finite pixel at all).
         """
         rng = np.random.default_rng(self.seed + 1)
         full = self.nan_policy == "drop" or isinstance(ds, np.ndarray)
@@ -574,7 +576,8 @@ class H5DataModule(BaseDataModule):
         c_axis = {"NCHW": 1, "NHWC": 3, "NHW": 1}[layout]
         stats = ChannelStats(self.in_chans)
         bad_samples: list[np.ndarray] = []
-        bad_pixels = scanned = 0
+        bad_pixels = scanned = blank = 0
+        channel_bad = np.zeros(self.in_chans, np.int64)
         for s in chosen:
             blk = ds[s : s + rows]
             if layout == "NHW":
@@ -593,13 +596,15 @@ class H5DataModule(BaseDataModule):
                     row_bad = ~finite.reshape(len(blk), -1).all(axis=1)
                     bad_samples.append(np.flatnonzero(row_bad) + s)
                     bad_pixels += int(finite.size - np.count_nonzero(finite))
+                    blank += int((~finite.reshape(len(blk), -1).any(axis=1)).sum())
+                    channel_bad += (~finite).sum(axis=tuple(a for a in range(blk.ndim) if a != c_axis))
                     blk = np.where(finite, blk, 0).astype(blk.dtype)
                     if self.nan_policy == "drop":
                         sel = sel & ~row_bad
             if sel.any():
                 stats.update(blk[sel], channel_axis=c_axis)
         bad = np.concatenate(bad_samples) if bad_samples else np.zeros(0, np.int64)
-        return stats, bad.astype(np.int64), bad_pixels, scanned
+        return stats, bad.astype(np.int64), bad_pixels, scanned, channel_bad, blank
 
     # ---- setup --------------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -649,11 +654,12 @@ class H5DataModule(BaseDataModule):
             where = self._split(f, parts, split_key)
             same_key_val = where["val"][1] if where["val"][0] == "train" else np.zeros(0, np.int64)
             fit = self._fit_rows(where["train"][1], same_key_val, train.labels)
-            if len(fit) == 0:
-                raise DataError(
-                    f"{path}: the train split is empty; check dataset.split_key, dataset.val_fraction or "
-                    "dataset.test_fraction."
-                )
+            total = sum(p.n for p in parts.values())
+            self._check_splits(str(path), {"train": len(fit), "test": len(where["test"][1])}, total, {
+                "train": "check dataset.split_key, dataset.val_fraction or dataset.test_fraction",
+                "test": "tag samples 'test' (2) in dataset.split_key (or 'val' (1): without test tags those are the "
+                        "test split), or set dataset.split_key=null to hold out dataset.test_fraction"
+                        if split_key else "check dataset.split_keys or dataset.test_fraction"})
             # image stats: every training image of the train key (label_fraction limits labels, not images); rows
             # that drop will remove never enter them. The other keys are scanned for NaN/Inf only.
             stat_rows = where["train"][1] if self.labelled else fit
@@ -664,7 +670,8 @@ class H5DataModule(BaseDataModule):
                                           part.layout, part.scale, part.offset)
         totals = {"bad": 0, "pixels": 0, "scanned": 0, "dropped": 0}
         for split, part in parts.items():
-            _, bad, bad_pixels, scanned = scans[split]
+            _, bad, bad_pixels, scanned, channel_bad, blank = scans[split]
+            self._refuse_no_finite(path, split, part, bad_pixels, scanned, channel_bad)
             if len(bad) and self.nan_policy == "error":
                 raise DataError(
                     f"{path}: key '{part.key}' has non-finite (NaN/Inf) pixels in {len(bad)} of {scanned} samples "
@@ -679,15 +686,18 @@ class H5DataModule(BaseDataModule):
             elif len(bad):
                 log.warning(
                     "%s: key '%s': replaced %d non-finite pixels in %d of %d scanned samples by 0 (unscanned samples "
-                    "are zeroed at read time too)", path, part.key, bad_pixels, len(bad), scanned,
+                    "are zeroed at read time too)%s", path, part.key, bad_pixels, len(bad), scanned,
+                    f"; {blank} of them have no finite pixel and become blank images" if blank else "",
                 )
             for k, v in zip(totals, (len(bad), bad_pixels, scanned, len(part.dropped))):
                 totals[k] += v
         kept = lambda name, rows: rows if name is None else np.setdiff1d(rows, parts[name].dropped)  # noqa: E731
         where = {s: (name, kept(name, rows)) for s, (name, rows) in where.items()}
         fit = kept("train", fit)
-        if len(fit) == 0:
-            raise DataError(f"{path}: every train sample has non-finite values; nothing is left to train on.")
+        fix = ("fix or remove the samples with NaN/Inf in the file, or set dataset.nan_policy=zero to keep them with "
+               "those pixels set to 0")
+        self._check_splits(str(path), {"train": len(fit), "test": len(where["test"][1])}, total,
+                           {"train": fix, "test": fix}, dropped=totals["dropped"])
         stats, self._scale, self._offset = scans["train"][0], train.scale, train.offset
         self.mean, self.std = stats.result(1 / 255 if train.dtype == np.uint8 and train.scale is None else 1.0)
         self.num_classes = len(names) if names is not None else None
@@ -739,6 +749,32 @@ class H5DataModule(BaseDataModule):
                     self.window_blocks, self.block,
                 )
 
+    def _refuse_no_finite(self, path: Path, split: str, part: _Part, bad_pixels: int, scanned: int,
+                          channel_bad: np.ndarray) -> None:
+        """Whatever nan_policy says, a key whose scanned pixels are all NaN/Inf is refused: zero would train on
+        blank images, drop on nothing. A channel with no finite pixel is named (zero makes it a constant 0)."""
+        pixels = scanned * math.prod(part.row_shape)
+        if scanned and bad_pixels == pixels:
+            option = f"dataset.split_keys.{split}" if self.split_keys is not None and self._reads_labels \
+                else "dataset.image_key"
+            then = {"zero": "dataset.nan_policy=zero would train on blank (all-zero) images",
+                    "drop": "dataset.nan_policy=drop would drop every sample",
+                    "error": "there is nothing to train on"}[self.nan_policy]
+            of = f" of {part.n}" if scanned < part.n else ""
+            raise DataError(
+                f"no finite pixel in {path}/{part.key}: all {pixels} pixels of the {scanned}{of} samples scanned "
+                f"are NaN/Inf, so {then}; check how the file was written (python -m ssl_lab.inspect {path}) or set "
+                f"{option} to the key that holds the images."
+            )
+        dead = np.flatnonzero(channel_bad * self.in_chans == pixels) if scanned else []
+        if len(dead) and self.nan_policy == "zero":
+            log.warning(
+                "%s: key '%s': channel%s %s %s no finite pixel in the %d samples scanned; dataset.nan_policy=zero "
+                "makes %s a constant 0 channel (check the file, or leave the channel out of it)", path, part.key,
+                "s" if len(dead) > 1 else "", ", ".join(map(str, dead)), "have" if len(dead) > 1 else "has", scanned,
+                "them" if len(dead) > 1 else "it",
+            )
+
     def _split_source(self) -> dict[str, Any]:
         return dict(self._source)
 
@@ -749,6 +785,9 @@ class H5DataModule(BaseDataModule):
         """Block mode replaces the training loader only (see the class docstring)."""
         if not (train and self.read_mode == "block"):
             return super()._loader(dataset, train)
+        if self.bad_samples == "skip":
+            raise ConfigError("dataset.bad_samples=skip drops single samples, but dataset.read=block reads whole "
+                              "blocks; set dataset.read=sample to skip unreadable samples.")
         rank, world = self._rank_world()
         drop_last = self._drop_last(len(dataset) // world, train=True)
         stream = BlockStream(

@@ -193,7 +193,8 @@ class JetsSimDataModule(SimulatedDataModule):
                  sim_seed: int = 0, cache_dir: str = ".cache/ssl_lab", val_fraction: float = 0.2,
                  nan_policy: str = "zero", in_memory: bool = False, batch_size: int = 64, num_workers: int = 2,
                  seed: int = 0, stats_max_samples: int = 4096, labelled: bool = False, test_fraction: float = 0.2,
-                 label_fraction: float = 1.0, split_seed: int = 0) -> None:
+                 label_fraction: float = 1.0, split_seed: int = 0, bad_samples: str = "error",
+                 max_bad_samples: int = 100) -> None:
         check_sim_args(n=n, image_size=image_size)
         params = {"simulator": "jets", "version": SIM_VERSION, "n": n, "image_size": image_size, "seed": sim_seed}
         super().__init__(
@@ -201,7 +202,7 @@ class JetsSimDataModule(SimulatedDataModule):
             layout="NHWC", val_fraction=val_fraction, nan_policy=nan_policy, in_memory=in_memory,
             batch_size=batch_size, num_workers=num_workers, seed=seed, stats_max_samples=stats_max_samples,
             labelled=labelled, test_fraction=test_fraction, label_fraction=label_fraction,
-            split_seed=split_seed,
+            split_seed=split_seed, bad_samples=bad_samples, max_bad_samples=max_bad_samples,
         )
 
     def simulate(self, path: str) -> None:

@@ -77,10 +77,11 @@ class STL10DataModule(BaseDataModule):
         self, name: str, root: str, in_chans: int = 3, split: str = "unlabeled", batch_size: int = 64,
         num_workers: int = 2, seed: int = 0, stats_max_samples: int = 4096, labelled: bool = False,
         test_fraction: float = 0.2, label_fraction: float = 1.0, val_fraction: float = 0.1, split_seed: int = 0,
+        bad_samples: str = "error", max_bad_samples: int = 100,
     ) -> None:
         super().__init__(
             name, in_chans, batch_size, num_workers, seed, stats_max_samples, labelled, test_fraction, label_fraction,
-            split_seed,
+            split_seed, bad_samples=bad_samples, max_bad_samples=max_bad_samples,
         )
         if split not in SPLITS:
             raise ConfigError(f"dataset.split={split!r} is not one of {', '.join(SPLITS)}.")

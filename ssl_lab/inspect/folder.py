@@ -18,9 +18,11 @@ from ssl_lab.inspect.findings import INFO, WARNING, class_balance, command_line,
 
 # as in ssl_lab.data.folder, which is not imported: it loads torch, and this command should start at once
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg"})
+TIFF_EXTS = frozenset({".tif", ".tiff"})
 ARRAY_EXTS = frozenset({".npy"})
-KNOWN_EXTS = IMAGE_EXTS | ARRAY_EXTS
+KNOWN_EXTS = IMAGE_EXTS | TIFF_EXTS | ARRAY_EXTS
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"})
 MAX_LISTED = 20  # unreadable files listed in the text findings (all of them are in the report's list)
 
 
@@ -49,10 +51,14 @@ def _listing(d: Path) -> tuple[list[Path], dict[str, list[Path]], Counter]:
 
 
 def examine(p: Path) -> dict[str, Any]:
-    """Decode one file: PIL mode and size, or .npy shape and dtype; ``error`` says why a file cannot be used."""
+    """Decode one file: PIL mode and size, or .npy / TIFF shape and dtype; ``error`` says why a file cannot be used."""
     if p.suffix.lower() in IMAGE_EXTS:
         try:
             with Image.open(p) as im:
+                if im.mode not in GREY_MODES and any(";16" in str(t[3][0] if isinstance(t[3], tuple) else t[3])
+                                                     for t in im.tile or []):
+                    return {"error": "16-bit colour PNG: Pillow reads only 8 bits of it; the loader refuses it "
+                                     "(store TIFF or .npy)"}
                 im.load()
                 out = {"mode": im.mode, "size": [im.size[1], im.size[0]], "channels": 1 if im.mode in GREY_MODES else 3}
                 if im.mode.startswith("I") and int(np.asarray(im).max()) > 255:
@@ -60,15 +66,25 @@ def examine(p: Path) -> dict[str, Any]:
                 return out
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return {"error": f"{type(e).__name__}: {str(e).replace(f' {str(p)!r}', '')}"}
-    try:
-        a = np.load(p, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        return {"error": f"{type(e).__name__}: {e}"}
+    if p.suffix.lower() in TIFF_EXTS:
+        from ssl_lab.data.folder import _read_tiff  # the loader's own reader (tifffile, else Pillow)
+
+        try:
+            a = _read_tiff(p)
+        except DataError as e:
+            return {"error": str(e).replace(f"{p}: ", "")}
+        kind = "tiff"
+    else:
+        try:
+            a = np.load(p, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+        kind = "npy"
     if a.dtype.kind not in "iufb" or a.ndim not in (2, 3):
         return {"error": f"array {a.shape} {a.dtype}: expected numbers as [H, W], [C, H, W] or [H, W, C]"}
     c_axis = None if a.ndim == 2 else 0 if a.shape[0] <= a.shape[2] else 2
     size = list(a.shape) if c_axis is None else [s for i, s in enumerate(a.shape) if i != c_axis]
-    out = {"mode": f"npy {a.dtype}", "shape": list(a.shape), "size": size,
+    out = {"mode": f"{kind} {a.dtype}", "shape": list(a.shape), "size": size,
            "channels": 1 if c_axis is None else int(a.shape[c_axis])}
     if a.dtype.kind == "f":
         out.update(nan=int(np.isnan(a).sum()), inf=int(np.isinf(a).sum()))
@@ -132,10 +148,16 @@ def _findings(report: dict[str, Any], examined: dict[Path, dict[str, Any]], igno
         out.append(finding(WARNING, f"{len(bad)} of {report['examined']} files cannot be used: {listing}{more}; "
                                     "remove or replace them"))
     if ignored:
-        out.append(finding(INFO, f"files the loader ignores (not PNG/JPG/.npy): {dict(ignored)}"))
+        out.append(finding(INFO, f"files the loader ignores (not PNG/JPG/TIFF/.npy): {dict(ignored)}"))
     kinds = {"npy" if k.startswith("npy") else "image" for k in report["modes"]}
     if len(kinds) > 1:
-        out.append(finding(WARNING, "mixes .npy arrays and PNG/JPG images; the loader refuses this: keep one kind"))
+        out.append(finding(WARNING, "mixes .npy arrays and PNG/JPG/TIFF images; the loader refuses this: keep one "
+                                    "kind"))
+    depths = {"8-bit" if r["mode"] in EIGHT_BIT_MODES or r["mode"].endswith(" uint8") else "deeper"
+              for r in examined.values() if "error" not in r and not r["mode"].startswith("npy")}
+    if len(depths) > 1:
+        out.append(finding(WARNING, "mixes 8-bit and 16-bit (or float) images, whose values are on different "
+                                    "scales; the loader refuses this: convert every file to one bit depth"))
     if len(report["sizes"]) > 1:
         out.append(finding(INFO, f"image sizes differ ({len(report['sizes'])} sizes): set dataset.image_size to "
                                  "resize every file to one size"))
@@ -145,15 +167,16 @@ def _findings(report: dict[str, Any], examined: dict[Path, dict[str, Any]], igno
         else:
             out.append(finding(INFO, "mixes greyscale and colour images: dataset.in_chans=1 reads all as grey, 3 as "
                                      "RGB (grey ones with three equal channels)"))
-    clipped = [str(p) for p, r in examined.items() if r.get("over_255")]
-    if clipped:
-        out.append(finding(WARNING, f"{len(clipped)} 16-bit images hold values above 255 (e.g. {clipped[0]}); the "
-                                    "loader converts PNG/JPG to 8 bits, which clips them at 255: store .npy arrays"))
+    deep = [str(p) for p, r in examined.items() if r.get("over_255")]
+    if deep:
+        out.append(finding(INFO, f"{len(deep)} 16-bit images hold values above 255 (e.g. {deep[0]}); the loader "
+                                 "reads them at full depth as float32, normalised in their own units"))
     nonfinite = [(p, r) for p, r in examined.items() if r.get("nan") or r.get("inf")]
     if nonfinite:
-        out.append(finding(WARNING, f"{len(nonfinite)} .npy files hold NaN/Inf (e.g. {nonfinite[0][0]}: "
-                                    f"{nonfinite[0][1]['nan']} NaN, {nonfinite[0][1]['inf']} Inf); the folder "
-                                    "loader passes them to training as they are"))
+        out.append(finding(WARNING, f"{len(nonfinite)} .npy/TIFF files hold NaN/Inf (e.g. {nonfinite[0][0]}: "
+                                    f"{nonfinite[0][1]['nan']} NaN, {nonfinite[0][1]['inf']} Inf); folders have no "
+                                    "dataset.nan_policy: the loader refuses those its stats pass reads and passes "
+                                    "the others to training as they are; replace them (numpy.nan_to_num)"))
     return out
 
 

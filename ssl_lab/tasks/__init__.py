@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from ssl_lab.errors import ConfigError
 from ssl_lab.resume import continued_config
 from ssl_lab.run_lock import hold
+from ssl_lab.schema import check_config
 from ssl_lab.tasks.common import resolve_run_dir
 from ssl_lab.tasks.evaluate import evaluate
 from ssl_lab.tasks.finetune import train_heads
@@ -52,7 +53,11 @@ def command_line_overrides() -> list[str] | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the task the config names and return its summary (the metrics a sweep can optimise). With resume=auto
     the run's saved config names it: `run.py run_dir=R resume=auto` needs no other argument."""
-    cfg = continued_config(cfg, resolve_run_dir(cfg), command_line_overrides())
+    check_config(cfg)  # types, finiteness and ranges of every value, before the run directory is claimed
+    continued = continued_config(cfg, resolve_run_dir(cfg), command_line_overrides())
+    if continued is not cfg:
+        check_config(continued)  # what a resumed run takes from its saved config, and the overrides it changes
+    cfg = continued
     task = TASKS.get(cfg.task.name)
     if task is None:
         raise ConfigError(f"task={cfg.task.name} is not a known task; choose one of: {', '.join(TASKS)}.")

@@ -21,12 +21,15 @@ from ssl_lab.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from ssl_lab.errors import ConfigError
 from ssl_lab.inspect import startup_check
 from ssl_lab.preemption import read_marker
+from ssl_lab.segments import save_segment_config, start_segment
 
 log = logging.getLogger(__name__)
 
 # Views are made in the LightningModule's hook by design (exactly one on_after_batch_transfer); Lightning warns
 # whenever a datamodule is passed alongside one.
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule`.*")
+# A resumed run writes into its own checkpoints folder by design; claim_run_dir has already refused another run's.
+warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
 
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.json", "pipeline.json", "backbone.pt", "checkpoints")
 # what a run writes only once it has finished: a resume=auto start without a checkpoint would overwrite them
@@ -51,20 +54,23 @@ def claim_run_dir(run_dir: Path, resume: str | None, config_hash: str | None = N
 
     A run stopped by a preemption signal left a marker beside its checkpoint: started again with the same config
     (a requeued job repeats its original arguments), it continues without resume=auto."""
-    if resume not in (None, "auto"):
+    from ssl_lab.resume import MODES
+
+    if resume not in (None, *MODES):
         read_checkpoint(resume, mmap=True)
         return str(resume)
     last = run_dir / LAST_CKPT
-    if resume == "auto":
+    if resume in MODES:
         if last.is_file():
             read_checkpoint(last, mmap=True)
             return str(last)
         finished = [m for m in FINISHED_MARKERS if (run_dir / m).exists()]
         if finished and rank_zero_only.rank == 0:
-            raise ConfigError(f"resume=auto: {run_dir} holds a finished run ({', '.join(finished)}) but no {LAST_CKPT} "
-                              "to continue from (deleted?); starting it again would overwrite its outputs, so "
-                              "nothing was written. Pass a new run_name (or run_dir), or put the checkpoint back.")
-        log.info("resume=auto: no %s yet, starting fresh", last)
+            raise ConfigError(f"resume={resume}: {run_dir} holds a finished run ({', '.join(finished)}) but no "
+                              f"{LAST_CKPT} to continue from (deleted?); starting it again would overwrite its "
+                              "outputs, so nothing was written. Pass a new run_name (or run_dir), or put the "
+                              "checkpoint back.")
+        log.info("resume=%s: no %s yet, starting fresh", resume, last)
         return None
     marker = read_marker(last.parent)
     if marker is not None and last.is_file() and marker.get("config_hash") in (None, config_hash):
@@ -86,10 +92,14 @@ def claim_run_dir(run_dir: Path, resume: str | None, config_hash: str | None = N
 
 
 def last_checkpoint(run_dir: Path) -> ModelCheckpoint:
-    """Keeps <run_dir>/checkpoints/last.ckpt, the file resume=auto reads. Always that name: by default Lightning
-    writes last-v1.ckpt beside a last.ckpt it did not write itself (one saved on a preemption signal), and
-    resume=auto would then continue from the older file."""
-    return ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, enable_version_counter=False)
+    """Keeps <run_dir>/checkpoints/last.ckpt, the file resume=auto reads, rewritten at the end of every epoch.
+
+    Not Lightning's save_last: with no top-k checkpoint to copy it writes last.ckpt only when training ends, so a
+    run killed by SIGKILL (or the OOM killer, or a node failure) had nothing to resume from. One checkpoint kept,
+    named `last` (no version counter: by default Lightning writes last-v1.ckpt beside a last.ckpt it did not write
+    itself, one saved on a preemption signal, and resume=auto would then continue from the older file)."""
+    return ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CKPT.stem, monitor=None, save_top_k=1,
+                           save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
 
 
 def resolve_precision(precision: str) -> str:
@@ -137,7 +147,16 @@ def save_config(cfg: DictConfig, run_dir: Path, precision: str, scale: dict[str,
     saved["run_dir"] = str(run_dir)
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        mode = cfg.get("resume")
+        if mode in ("extend", "force"):
+            from ssl_lab.resume import config_diff, read_saved
+
+            previous = read_saved(run_dir)
+            changed = config_diff(previous, saved, None) if previous is not None else []
+            if changed:
+                start_segment(run_dir, mode, changed)
         atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(saved), tmp))
+        save_segment_config(run_dir, saved)
     return saved
 
 

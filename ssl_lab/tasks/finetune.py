@@ -23,8 +23,9 @@ from ssl_lab.downstream import Downstream
 from ssl_lab.errors import ConfigError
 from ssl_lab.preemption import PreemptionCheckpoint, clear_marker
 from ssl_lab.speed import apply_speed_options, optimizer_impl
-from ssl_lab.tasks.common import (build_loggers, config_hash, last_checkpoint, resolve_precision, targets,
-                                  trainer_kwargs)
+from ssl_lab.tasks.common import (LAST_CKPT, build_loggers, config_hash, last_checkpoint, resolve_precision,
+                                  targets, trainer_kwargs)
+from ssl_lab.tasks.fitting import CheckpointOnDataFailure, bad_sample_counts, fit
 from ssl_lab.tasks.labelled_run import (base_summary, export_model, finish_labelled_run, save_run_config,
                                         start_labelled_run)
 from ssl_lab.tasks.outputs import collect
@@ -85,7 +86,8 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
     best, stop = selection_callbacks(cfg, run_dir, has_val=len(datamodule.val_set) > 0)
     precision = resolve_precision(cfg.accelerator.precision)
     saved = save_run_config(run, precision)
-    callbacks = [last_checkpoint(run_dir),
+    saver = CheckpointOnDataFailure(run_dir / LAST_CKPT)
+    callbacks = [last_checkpoint(run_dir), saver,
                  PreemptionCheckpoint(run_dir / "checkpoints", config_hash(cfg)),
                  *([best] if best is not None else []), *stop,
                  *(instantiate(node) for node in targets(cfg.get("callbacks")))]
@@ -94,14 +96,14 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(saved)
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False,
                          **trainer_kwargs(cfg, precision, callbacks=callbacks, max_epochs=task.max_epochs))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit(trainer, model, datamodule, ckpt_path, saver)  # a bad sample or dead worker: checkpoint, then one line
     if trainer.is_global_zero:
         clear_marker(run_dir / "checkpoints")  # finished: a later start of this run is not a continuation
 
     summary: dict[str, Any] = {
         **base_summary(run), "epochs": int(trainer.current_epoch),
         "speed": {**fast, "optimizer": optimizer_impl(trainer.optimizers[0] if trainer.optimizers else None)},
-        "selected": _restore_best(model, best),
+        "selected": _restore_best(model, best), "bad_samples": bad_sample_counts(datamodule),
     }
     if not trainer.is_global_zero:
         return summary

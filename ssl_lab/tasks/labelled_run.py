@@ -21,6 +21,7 @@ from ssl_lab.data.splits import check_no_leak, write_splits
 from ssl_lab.errors import ConfigError
 from ssl_lab.loggers import publish
 from ssl_lab.model_file import save_model_file
+from ssl_lab.segments import read_segments
 from ssl_lab.tasks.backbone_source import BackboneSource, load_backbone
 from ssl_lab.tasks.common import (claim_run_dir, config_hash, labelled_datamodule, one_console, resolve_run_dir,
                                   save_config)
@@ -86,7 +87,8 @@ def base_summary(run: LabelledRun) -> dict[str, Any]:
             "method": run.source.meta.get("method", "scratch"), "backbone": cfg.backbone.name,
             "dataset": cfg.dataset.name, "pretrained": run.source.pretrained,
             "label_fraction": data.get("label_fraction"), "data_n_train": data.get("n_train"),
-            "data_n_val": data.get("n_val"), "data_n_test": data.get("n_test"), "run_dir": str(run.run_dir)}
+            "data_n_val": data.get("n_val"), "data_n_test": data.get("n_test"), "run_dir": str(run.run_dir),
+            **({"segments": segs} if (segs := read_segments(run.run_dir)) else {})}
 
 
 def export_model(run: LabelledRun, head: nn.Module, head_spec: dict[str, Any], extra: dict[str, Any]) -> Path:

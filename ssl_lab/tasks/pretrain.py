@@ -21,9 +21,12 @@ from ssl_lab.guards import build_guard
 from ssl_lab.inspect import startup_check
 from ssl_lab.optim import scale_lr
 from ssl_lab.preemption import PreemptionCheckpoint, clear_marker
+from ssl_lab.segments import read_segments
 from ssl_lab.speed import apply_speed_options, optimizer_impl
-from ssl_lab.tasks.common import (build_loggers, claim_run_dir, config_hash, last_checkpoint, one_console,
-                                  resolve_precision, resolve_run_dir, save_config, targets, trainer_kwargs)
+from ssl_lab.tasks.common import (LAST_CKPT, build_loggers, claim_run_dir, config_hash, last_checkpoint,
+                                  one_console, resolve_precision, resolve_run_dir, save_config, targets,
+                                  trainer_kwargs)
+from ssl_lab.tasks.fitting import CheckpointOnDataFailure, bad_sample_counts, fit
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,10 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
             "config_hash": config_hash(cfg), "ssl_lab_version": __version__, "view_size": size}
     speed = SpeedMeter()
     guard = build_guard(cfg.get("guard"))  # NaN/Inf stop or skip, collapse warnings
+    saver = CheckpointOnDataFailure(run_dir / LAST_CKPT)
     callbacks = [
         last_checkpoint(run_dir),
+        saver,
         PreemptionCheckpoint(run_dir / "checkpoints", meta["config_hash"]),
         speed,
         guard,
@@ -87,7 +92,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     write_splits(run_dir, datamodule)  # which images pretraining fits on: downstream runs check their test split
     for logger in loggers:
         logger.log_hyperparams(saved)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit(trainer, model, datamodule, ckpt_path, saver)  # a bad sample or dead worker: checkpoint, then one line
     if trainer.is_global_zero:
         clear_marker(run_dir / "checkpoints")  # finished: a later start of this run is not a continuation
 
@@ -100,7 +105,11 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "images_per_s": speed.images_per_s, "wall_time_s": round(time.time() - started, 2),
         "resumed_from": ckpt_path, "precision": precision, "run_dir": str(run_dir),
         "backbone_path": str(run_dir / "backbone.pt"), "scale": scale, "data": datamodule.summary(),
+        "bad_samples": bad_sample_counts(datamodule),
     }
+    segments = read_segments(run_dir)
+    if segments:  # continued with resume=extend or force: what each part ran with and reported
+        summary["segments"] = segments
     summary["guard"] = guard.summary()  # skipped NaN/Inf steps and collapse / chance-loss warnings
     summary["speed"] = {**fast, "optimizer": optimizer_impl(trainer.optimizers[0] if trainer.optimizers else None),
                         "cudnn_benchmark": bool(kwargs.get("benchmark"))}
