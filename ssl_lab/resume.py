@@ -29,11 +29,12 @@ FIXED_KEYS = ("task.name", "method.name", "backbone.name", "optim.name", "task.f
               "dataset.in_chans")
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flat_keys(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} for a nested dict (lists and empty dicts are leaves)."""
     if isinstance(node, dict) and node:
         out: dict[str, Any] = {}
         for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flat_keys(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: node}
 
@@ -68,7 +69,7 @@ def config_diff(saved: dict[str, Any], requested: dict[str, Any],
     command line (only they are compared; the rest are defaults the user did not restate); None: all keys."""
     from ssl_lab.tasks.common import resolve_precision
 
-    ours, theirs = _flatten(saved), _flatten(requested)
+    ours, theirs = flat_keys(saved), flat_keys(requested)
     keys = None if overridden is None else [_override_key(o) for o in overridden]
     if "accelerator.precision" in theirs:  # saved as what `auto` resolved to
         theirs["accelerator.precision"] = resolve_precision(str(theirs["accelerator.precision"]))

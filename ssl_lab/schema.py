@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_lab.errors import ConfigError
+from ssl_lab.resume import flat_keys
 
 Check = Callable[[Any], "str | None"]
 
@@ -147,15 +148,6 @@ RULES: dict[str, tuple[Check, str]] = {
 }
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def _check_run_name(name: Any) -> None:
     if name is None:
         return
@@ -167,7 +159,7 @@ def _check_run_name(name: Any) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """ConfigError naming the first bad value, what it must be and an example, before anything is written."""
-    values = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    values = flat_keys(OmegaConf.to_container(cfg, resolve=True))
     _check_run_name(values.get("run_name"))
     for key, value in values.items():
         rule = next((r for pattern, r in RULES.items() if fnmatch.fnmatchcase(key, pattern)), None)

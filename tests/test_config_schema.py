@@ -154,7 +154,7 @@ def test_every_rule_matches_a_key_of_some_config_and_the_defaults_pass(cache_dir
     and the shipped configs pass every rule."""
     import fnmatch
 
-    from ssl_lab.schema import _leaves
+    from ssl_lab.resume import flat_keys
 
     groups = ["", "method=byol", "method=vicreg", "method=barlow", "method=dino", "method=mae", "optim=sgd",
               "optim=lars", "task=finetune", "task=joint", "task=linear", "task=evaluate"]
@@ -164,6 +164,6 @@ def test_every_rule_matches_a_key_of_some_config_and_the_defaults_pass(cache_dir
         check_config(cfg)
         from omegaconf import OmegaConf
 
-        keys |= set(_leaves(OmegaConf.to_container(cfg, resolve=True)))
+        keys |= set(flat_keys(OmegaConf.to_container(cfg, resolve=True)))
     unused = [p for p in RULES if not any(fnmatch.fnmatchcase(k, p) for k in keys)]
     assert not unused, unused
