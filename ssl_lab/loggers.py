@@ -17,6 +17,25 @@ def wandb_logger(save_dir: str | Path, project: str = "ssl_lab", entity: str | N
                        offline=offline)
 
 
+def start_online(logger: Any) -> None:
+    """Start an online W&B run before training, so that a refused login (a wrong or expired WANDB_API_KEY, no
+    network) is one line, not a traceback after the first epoch; the key itself never enters the message."""
+    if not isinstance(logger, WandbLogger) or logger._offline:
+        return
+    try:
+        logger.experiment  # noqa: B018 - creating it is what logs in
+    except Exception as err:  # noqa: BLE001 - wandb raises many kinds (CommError, UsageError, AuthenticationError)
+        from ssl_lab.errors import ConfigError
+
+        text = " ".join(str(err).split())[:300]
+        key = os.environ.get("WANDB_API_KEY")
+        if key:
+            text = text.replace(key, "<WANDB_API_KEY>")
+        raise ConfigError(f"logger=wandb: W&B did not start the online run ({type(err).__name__}: {text}); check "
+                          "WANDB_API_KEY and the network, or log offline with WANDB_MODE=offline (upload later with "
+                          "`wandb sync`).") from None
+
+
 def publish(loggers: Sequence[Any], plots: Sequence[Path], metrics: Mapping[str, Any]) -> None:
     """Every logger gets a run's single-number metrics (test/...); those that show media (W&B) also get its plots
     as images and the metrics as a table."""

@@ -175,7 +175,13 @@ def targets(group: DictConfig | None) -> list[DictConfig]:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    return [instantiate(node, save_dir=str(run_dir)) for node in targets(cfg.get("logger"))]
+    """The configured loggers, each started now (a W&B login that fails stops the run here, in one line)."""
+    from ssl_lab.loggers import start_online
+
+    loggers = [instantiate(node, save_dir=str(run_dir)) for node in targets(cfg.get("logger"))]
+    for logger in loggers:
+        start_online(logger)
+    return loggers
 
 
 def one_console() -> None:

@@ -85,13 +85,13 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
 
     best, stop = selection_callbacks(cfg, run_dir, has_val=len(datamodule.val_set) > 0)
     precision = resolve_precision(cfg.accelerator.precision)
+    loggers = build_loggers(cfg, run_dir)  # before the first write: a refused W&B login leaves nothing behind
     saved = save_run_config(run, precision)
     saver = CheckpointOnDataFailure(run_dir / LAST_CKPT)
     callbacks = [last_checkpoint(run_dir), saver,
                  PreemptionCheckpoint(run_dir / "checkpoints", config_hash(cfg)),
                  *([best] if best is not None else []), *stop,
                  *(instantiate(node) for node in targets(cfg.get("callbacks")))]
-    loggers = build_loggers(cfg, run_dir)
     for logger in loggers:
         logger.log_hyperparams(saved)
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False,
