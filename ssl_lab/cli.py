@@ -1,8 +1,12 @@
 """Turns a failed check into one readable line on stderr and exit status 2, instead of a traceback."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -17,9 +21,36 @@ from ssl_lab.tasks.fitting import one_line
 log = logging.getLogger("ssl_lab")
 
 
+def _process_started() -> float:
+    try:  # Linux: when this process began (the cli module itself is imported after Hydra made the folder)
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()  # elsewhere: only a folder made after this import is removed
+
+
+STARTED = _process_started()
+
+
+def _remove_empty_job_dir() -> None:
+    """Hydra makes the job's output folder before the run's checks; a refused run leaves it empty: removed, unless
+    it was there before this process started (a folder the user made)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with contextlib.suppress(OSError):
+        if out.is_dir() and not any(out.iterdir()) and out.stat().st_mtime >= STARTED:
+            out.rmdir()
+
+
 def _fail(message: str) -> None:
     log.error(message)
     print(f"ssl_lab: error: {message}", file=sys.stderr)
+    _remove_empty_job_dir()
     sys.exit(2)
 
 

@@ -1,9 +1,10 @@
 """One process per run directory: `<run_dir>/run.lock`, taken before the run writes anything, released on exit.
 
 The lock is an exclusive `flock` on the file, so the kernel drops it when its process dies however it dies
-(kill -9 included); the file's text (pid, host, start time; not the command line, which may hold a secret) only names the holder for the message a
-second process prints. A file left behind by a dead holder is taken over with a warning. `filelock` is not used
-here because it truncates the file on every attempt, which would erase the holder's name before anyone read it.
+(kill -9 included); the file's text (pid, host, start time; not the command line, which may hold a secret)
+only names the holder for the message a second process prints. A file left behind by a dead holder is taken over
+with a warning. `filelock` is not used here because it truncates the file on every attempt, which would erase the
+holder's name before anyone read it.
 DDP ranks other than 0 (and torchrun's other processes) run inside rank 0's claim and take no lock.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from ssl_lab import run_log
 from ssl_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -113,10 +115,13 @@ def hold(run_dir: str | os.PathLike) -> Iterator[RunLock | None]:
         yield None
         return
     lock = acquire(run_dir)
+    log_file = run_log.attach(Path(run_dir))  # held in memory until the run writes its config (ssl_lab.run_log)
     try:
         yield lock
-    except BaseException:
+    except BaseException as err:
+        run_log.detach(log_file, err)
         only_lock = [p.name for p in Path(run_dir).iterdir()] == [LOCK_NAME]
         lock.release(remove_created_dirs=only_lock)
         raise
+    run_log.detach(log_file)
     lock.release()

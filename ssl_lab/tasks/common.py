@@ -21,6 +21,7 @@ from ssl_lab.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from ssl_lab.errors import ConfigError
 from ssl_lab.inspect import startup_check
 from ssl_lab.preemption import read_marker
+from ssl_lab.run_log import start_writing
 from ssl_lab.segments import save_segment_config, start_segment
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ def save_config(cfg: DictConfig, run_dir: Path, precision: str, scale: dict[str,
                 start_segment(run_dir, mode, changed)
         atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(saved), tmp))
         save_segment_config(run_dir, saved)
+        start_writing(run_dir)  # the run has passed its checks: its log goes to run.log from here
     return saved
 
 
