@@ -65,7 +65,9 @@ def validate(cfg: DictConfig, datamodule: Any, augment: Augment, ssl: bool = Tru
     if float(cfg.optim.lr) <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive.")
     resume = cfg.get("resume")
-    if resume not in (None, "auto", "extend", "force") and not str(resume).endswith(".ckpt"):
+    from ssl_lab.resume import MODES
+
+    if resume not in (None, *MODES) and not str(resume).endswith(".ckpt"):
         raise ConfigError(f"resume={resume}: use resume=auto (continue this run_dir as saved), resume=extend (train "
                           "it longer), resume=force (continue it with a changed config) or a path to a .ckpt file.")
 

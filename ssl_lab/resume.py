@@ -22,6 +22,7 @@ from ssl_lab.errors import ConfigError
 NOT_COMPARED = ("run_name", "run_dir", "resume", "scale")
 MAX_LISTED = 8
 MODES = ("auto", "extend", "force")
+CHANGING_MODES = ("extend", "force")  # each continues the run as a new segment (ssl_lab.segments)
 # what decides where a run ends: resume=extend may change these (the task's own max_epochs downstream)
 LENGTH_KEYS = ("trainer.max_epochs", "trainer.max_steps", "task.max_epochs")
 # what the checkpoint's weights and optimizer state are made of: no mode can change them

@@ -148,10 +148,10 @@ def save_config(cfg: DictConfig, run_dir: Path, precision: str, scale: dict[str,
     saved["run_dir"] = str(run_dir)
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        mode = cfg.get("resume")
-        if mode in ("extend", "force"):
-            from ssl_lab.resume import config_diff, read_saved
+        from ssl_lab.resume import CHANGING_MODES, config_diff, read_saved
 
+        mode = cfg.get("resume")
+        if mode in CHANGING_MODES:
             previous = read_saved(run_dir)
             changed = config_diff(previous, saved, None) if previous is not None else []
             if changed:
