@@ -5,20 +5,20 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-# hydra.run.dir follows run_dir when one is given, so the run's log (run.log) lands in the run directory.
-OmegaConf.register_new_resolver("or_else", lambda value, default: default if value in (None, "") else value,
-                                replace=True)
+from ssl_lab.resolvers import register
+
+register()  # or_else (hydra.run.dir follows run_dir), by_device, pretrained_method (the run's name)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from ssl_lab.cli import run_or_exit  # imported late so --help stays fast
+    from ssl_lab.sweeps import optimized_value
 
     summary = run_or_exit(cfg)
-    metric = cfg.get("optimized_metric")
-    return summary.get(metric) if metric else None
+    return optimized_value(summary, cfg.get("optimized_metric"))  # a dotted key: what a sweeper optimises
 
 
 def cli() -> None:

@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssl_lab.tasks import TASKS  # noqa: E402
+from ssl_lab.resolvers import register  # noqa: E402
+
+register()  # the configs interpolate these (run.py registers them too)
 
 # Digits are not flip- or rotation-invariant (6 vs 9): crops, intensity, blur and noise only.
 AUGMENT = ["~augment.ops.hflip", "~augment.ops.vflip", "~augment.ops.rot90", "augment.ops.resized_crop.scale=[0.6,1.0]"]
@@ -72,7 +75,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
-    rows, runs = [], {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_digits(tmp / "digits.h5")
@@ -84,7 +87,7 @@ def main() -> None:
         def probe(name: str, source: str, extra: list[str]) -> dict:
             m = TASKS["evaluate"](config([*common, *extra, "task=evaluate", "task.embed=[pca]", f"pretrained={source}",
                                           f"run_dir={tmp / ('eval_' + name)}"]))
-            return {"logistic_probe_acc": m["probe"]["accuracy"], "knn_acc": m["knn_accuracy"],
+            return {"logistic_probe_acc": m["probe"]["accuracy"], "knn_acc": m["knn"]["k20"],
                     "kmeans_ari": m["kmeans"]["ari"]}
 
         random_init = {}

@@ -54,6 +54,9 @@ from ssl_lab.evaluation.linear_probe import FeatureSet, Objective, fit_probe, pr
 from ssl_lab.methods.dino import LOCAL_FRACTION  # noqa: E402
 from ssl_lab.optim import scale_lr  # noqa: E402
 from ssl_lab.tasks import TASKS  # noqa: E402
+from ssl_lab.resolvers import register  # noqa: E402
+
+register()  # the configs interpolate these (run.py registers them too)
 
 DATASETS = ("digits", "lens_sim")
 TEST_FRACTION = 0.25

@@ -53,6 +53,9 @@ from ssl_lab.preemption import PreemptionCheckpoint
 from ssl_lab.speed import optimizer_impl
 from ssl_lab.tasks.common import resolve_precision, trainer_kwargs
 from ssl_lab.tasks.pretrain import build_pretraining
+from ssl_lab.resolvers import register
+
+register()  # the configs interpolate these (run.py registers them too)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,12 @@ _ALLOWED_KWARGS: dict[str, frozenset[str]] = {
 # final norm). Pooling has no weights, so a downstream task may read a pretrained ViT either way.
 VIT_POOLS: tuple[str, ...] = ("cls", "mean")
 VGG_MIN_SIZE = 32  # five 2x2 max-pools
+# backbone.small_stem=auto: the 3x3 stride-1 stem keeps 16x more pixels through the network than the 7x7/2 +
+# max-pool stem, so it costs ~16x the compute. It is chosen for views of at most SMALL_STEM_MAX_SIZE px (where the
+# standard stem would leave a final map of 2x2 or less) when one forward of one view costs at most this many GFLOPs
+# on the device the run uses: on a GPU up to about the cost of a ResNet-50 at 224 px, on a CPU a fraction of it.
+SMALL_STEM_MAX_SIZE = 64
+SMALL_STEM_BUDGET_GFLOPS = {"gpu": 12.0, "cpu": 0.5}
 
 
 class BackboneMixin:
@@ -189,8 +195,9 @@ def build_backbone(name: str, in_chans: int, small_stem: bool | str = "auto", im
                    **kwargs: Any) -> nn.Module:
     """Build a randomly initialised encoder mapping [B, in_chans, H, W] to [B, num_features].
 
-    ``small_stem="auto"`` picks the 3x3 stride-1 stem without max-pool iff ``image_size`` is known and <= 64
-    (ResNets only). Every bad argument raises ConfigError before any weights are allocated.
+    ``small_stem="auto"`` picks the 3x3 stride-1 stem without max-pool by its cost (`choose_small_stem`, for the
+    GPU when there is one; the tasks pass the device the run uses). ResNets only. Every bad argument raises
+    ConfigError before any weights are allocated.
     """
     _check_common(name, in_chans, small_stem, image_size)
     family = _family(name)
@@ -205,8 +212,10 @@ def build_backbone(name: str, in_chans: int, small_stem: bool | str = "auto", im
         raise ConfigError(f"backbone.small_stem=true only applies to ResNets, not '{name}'; set it to auto or false.")
 
     if family == "resnet":
-        stem = small_stem if isinstance(small_stem, bool) else (image_size is not None and image_size <= 64)
-        return ResNetBackbone(name, in_chans, stem, image_size, **kwargs)
+        if not isinstance(small_stem, bool):
+            small_stem, why = choose_small_stem(name, in_chans, image_size, on_gpu=torch.cuda.is_available())
+            log.info("backbone.small_stem=auto -> %s: %s", str(small_stem).lower(), why)
+        return ResNetBackbone(name, in_chans, small_stem, image_size, **kwargs)
 
     if family == "vgg":
         if image_size is not None and image_size < VGG_MIN_SIZE:
@@ -238,6 +247,36 @@ def build_backbone(name: str, in_chans: int, small_stem: bool | str = "auto", im
     if depth is None:
         kwargs.pop("depth", None)
     return TimmBackbone(name, in_chans, size, pool=pool, patch_size=patch, **kwargs)
+
+
+def forward_gflops(name: str, in_chans: int, small_stem: bool, image_size: int) -> float:
+    """GFLOPs of one forward pass of one image, counted by torch's FlopCounterMode on the meta device (no memory,
+    no compute: milliseconds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = ResNetBackbone(name, in_chans, small_stem, image_size).eval()
+        x = torch.empty(1, in_chans, image_size, image_size)
+    with FlopCounterMode(display=False) as counter:
+        net(x)
+    return counter.get_total_flops() / 1e9
+
+
+def choose_small_stem(name: str, in_chans: int, image_size: int | None, on_gpu: bool) -> tuple[bool, str]:
+    """Whether a ResNet gets the small-image stem, and why in words: by what it costs on this device, not by the
+    image size alone (on a laptop CPU the small stem at 64 px turns a 2-minute run into a 30-minute one)."""
+    if image_size is None or image_size > SMALL_STEM_MAX_SIZE:
+        return False, (f"views of {image_size or 'unknown'} px (> {SMALL_STEM_MAX_SIZE}) keep enough resolution "
+                       "through the standard 7x7/2 stem")
+    device = "gpu" if on_gpu else "cpu"
+    budget = SMALL_STEM_BUDGET_GFLOPS[device]
+    small = forward_gflops(name, in_chans, True, image_size)
+    standard = forward_gflops(name, in_chans, False, image_size)
+    cost = (f"the 3x3/1 stem costs {small:.2f} GFLOPs per {image_size} px view ({small / standard:.0f}x the "
+            f"standard stem's {standard:.2f}), budget on the {device.upper()} {budget:g}")
+    if small <= budget:
+        return True, cost
+    return False, f"{cost}: standard 7x7/2 stem (backbone.small_stem=true forces the small one)"
 
 
 def backbone_from_meta(meta: Mapping[str, Any]) -> nn.Module:

@@ -39,6 +39,7 @@ class Downstream(CheckpointHeader, pl.LightningModule):
         self.freeze_backbone, self.train_augment, self.seed = freeze_backbone, train_augment, int(seed)
         self.optim_cfg = dict(optim)
         self.backbone_lr, self.head_lr, self.regression_weight = backbone_lr, head_lr, regression_weight
+        self.tied_lr_ratio: float | None = None  # set during an lr range test (ssl_lab.tasks.lr_range)
         self.n_classes = int(num_classes or 0) if objective in ("classification", "joint") else 0
         self.target_names = list(target_names) if objective in ("joint", "regression") else []
         self.n_out = n_out = self.n_classes + len(self.target_names)
@@ -77,6 +78,19 @@ class Downstream(CheckpointHeader, pl.LightningModule):
         logits = out[:, : self.n_classes] if self.n_classes else None
         reg = out[:, self.n_classes:] if self.target_names else None
         return logits, reg
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """Lightning's lr range test gives every param group the lr it sweeps; while one runs (tied_lr_ratio set)
+        the backbone's groups are put back at tied_lr_ratio x the head's, so the test sweeps the head lr with the
+        run's backbone / head ratio."""
+        if self.tied_lr_ratio is None:
+            return
+        backbone = {id(p) for p in self.backbone.parameters()}
+        groups = self.trainer.optimizers[0].param_groups
+        head_lr = next(g["lr"] for g in groups if id(g["params"][0]) not in backbone)  # the head's groups first
+        for group in groups:
+            if id(group["params"][0]) in backbone:
+                group["lr"] = head_lr * self.tied_lr_ratio
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         x = batch["x"]
@@ -127,9 +141,9 @@ class Downstream(CheckpointHeader, pl.LightningModule):
     def configure_optimizers(self):
         cfg = dict(self.optim_cfg)
         wd = float(cfg.pop("weight_decay", 0.0))
-        groups = param_groups(self.head, weight_decay=wd, lr=self.head_lr)
+        groups = param_groups(self.head, weight_decay=wd, lr=self.head_lr, name="head")
         if not self.freeze_backbone:
-            groups += param_groups(self.backbone, weight_decay=wd, lr=self.backbone_lr)
+            groups += param_groups(self.backbone, weight_decay=wd, lr=self.backbone_lr, name="backbone")
         for key in ("lr", "schedule", "warmup_epochs", "min_lr_ratio", *SCALING_KEYS):
             cfg.pop(key, None)
         name = cfg.pop("name")

@@ -1,18 +1,47 @@
 """Logger factories that need a decision Lightning's constructors cannot make from config alone."""
 from __future__ import annotations
 
+import logging
+import netrc
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def wandb_credentials() -> str | None:
+    """Where W&B would find a login: WANDB_API_KEY, or the netrc entry `wandb login` writes for the W&B host
+    (WANDB_BASE_URL's, default api.wandb.ai; the file is $NETRC or ~/.netrc). Only where, never the key."""
+    if os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY"
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return f"{path} ({host})" if entry and entry[2] else None
 
 
 def wandb_logger(save_dir: str | Path, project: str = "ssl_lab", entity: str | None = None,
                  tags: Sequence[str] = (), run_name: str | None = None) -> WandbLogger:
-    """Online only when WANDB_API_KEY is in the environment; wandb reads the key from there, so it never enters
-    the config, the logs or the run directory."""
-    offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+    """Online when a login exists (WANDB_API_KEY, or `wandb login`'s netrc entry) and WANDB_MODE does not say
+    offline; offline otherwise, saying why. wandb reads the key itself, so it never enters the config, the logs or
+    the run directory."""
+    found = wandb_credentials()
+    mode = os.environ.get("WANDB_MODE")
+    offline = found is None or mode in ("offline", "disabled")
+    if offline:
+        why = f"WANDB_MODE={mode}" if mode in ("offline", "disabled") else (
+            "no login found (no WANDB_API_KEY, no W&B entry in ~/.netrc): `wandb login` or WANDB_API_KEY to go "
+            "online; `wandb sync` uploads an offline run later")
+        log.info("logger=wandb: offline (%s)", why)
+    else:
+        log.info("logger=wandb: online, login from %s", found)
     return WandbLogger(project=project, entity=entity, tags=list(tags), name=run_name, save_dir=str(save_dir),
                        offline=offline)
 
@@ -32,8 +61,8 @@ def start_online(logger: Any) -> None:
         if key:
             text = text.replace(key, "<WANDB_API_KEY>")
         raise ConfigError(f"logger=wandb: W&B did not start the online run ({type(err).__name__}: {text}); check "
-                          "WANDB_API_KEY and the network, or log offline with WANDB_MODE=offline (upload later with "
-                          "`wandb sync`).") from None
+                          "the login (WANDB_API_KEY or `wandb login`) and the network, or log offline with "
+                          "WANDB_MODE=offline (upload later with `wandb sync`).") from None
 
 
 def publish(loggers: Sequence[Any], plots: Sequence[Path], metrics: Mapping[str, Any]) -> None:

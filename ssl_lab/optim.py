@@ -27,12 +27,13 @@ def _no_decay_names(module: nn.Module) -> set[str]:
 
 
 def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None,
-                 exclude_bias_and_norm: bool = True) -> list[dict[str, Any]]:
+                 exclude_bias_and_norm: bool = True, name: str | None = None) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed group and a bias/norm group (no decay, ``lars_exclude=True``).
 
     Biases and norm scales (ndim <= 1) are excluded because decaying them hurts SSL training and LARS's trust
     ratio is meaningless for them. ``lr`` (if given) is set on every group so callers can concatenate groups of
-    several modules with different rates. Empty groups are left out.
+    several modules with different rates. ``name`` names the groups (`<name>`, `<name>/no_decay`), which is how
+    Lightning's LearningRateMonitor labels their logged lr. Empty groups are left out.
     """
     skip = _no_decay_names(module) if exclude_bias_and_norm else set()
     decay, no_decay = [], []
@@ -48,6 +49,9 @@ def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None
     if lr is not None:
         for g in groups:
             g["lr"] = lr
+    if name is not None:
+        for g in groups:
+            g["name"] = f"{name}/no_decay" if g.get("lars_exclude") else name
     return groups
 
 

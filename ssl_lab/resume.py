@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_lab.errors import ConfigError
 
 # what names or places a run, or what the run derives itself: not part of the experiment
-NOT_COMPARED = ("run_name", "run_dir", "resume", "scale")
+NOT_COMPARED = ("run_name", "method_slot", "run_dir", "resume", "scale")
 MAX_LISTED = 8
+RESOLVED_AUTO = ("backbone.small_stem",)  # `auto` options the saved config holds as resolved (tasks.common)
 MODES = ("auto", "extend", "force")
 CHANGING_MODES = ("extend", "force")  # each continues the run as a new segment (ssl_lab.segments)
 # what decides where a run ends: resume=extend may change these (the task's own max_epochs downstream)
@@ -74,6 +75,9 @@ def config_diff(saved: dict[str, Any], requested: dict[str, Any],
     keys = None if overridden is None else [_override_key(o) for o in overridden]
     if "accelerator.precision" in theirs:  # saved as what `auto` resolved to
         theirs["accelerator.precision"] = resolve_precision(str(theirs["accelerator.precision"]))
+    for key in RESOLVED_AUTO:  # saved as what `auto` chose for the built model: asking for `auto` again is the same
+        if theirs.get(key) == "auto" and key in ours:
+            theirs[key] = ours[key]
     diff = []
     for key in sorted(set(ours) | set(theirs)):
         if key.split(".", 1)[0] in NOT_COMPARED or (keys is not None and not _explicit(key, keys)):

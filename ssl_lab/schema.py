@@ -94,6 +94,7 @@ COUNT = number(lo=1, integer=True)
 # key pattern -> (check, an example of a good value)
 RULES: dict[str, tuple[Check, str]] = {
     "seed": (number(lo=0, integer=True), "0"),
+    "keep_last": (boolean(), "true"),
     "trainer.max_epochs": (number(lo=1, integer=True, also=(-1,)), "10"),
     "trainer.max_steps": (number(lo=1, integer=True, also=(-1,)), "-1 (no step limit)"),
     "trainer.limit_*_batches": (limit_batches, "null"),

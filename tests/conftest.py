@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from ssl_lab.resolvers import register
+
+register()  # what run.py registers: the configs interpolate these
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from conftest import CONF, compose_cfg, run_cli
 from ssl_lab.augment import Augment
 
-GROUPS = ("task", "method", "backbone", "dataset", "augment", "optim", "accelerator", "logger", "experiment")
+GROUPS = ("task", "method", "backbone", "dataset", "augment", "optim", "accelerator", "logger", "experiment",
+          "hparams_search")
 
 
 def choices(group: str) -> list[str]:
@@ -19,7 +20,7 @@ def choices(group: str) -> list[str]:
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
 def test_every_choice_composes(group, choice):
     cfg = compose_cfg([f"{group}={choice}"])
-    if group == "experiment":  # a preset is merged at the top level: it must change the composed config
+    if group in ("experiment", "hparams_search"):  # merged at the top level: it must change the composed config
         assert OmegaConf.to_container(cfg) != OmegaConf.to_container(compose_cfg([]))
     elif "name" in cfg[group]:
         assert cfg[group].name == choice

@@ -83,7 +83,7 @@ def sweep(tmp_path) -> Path:
 
 
 COLUMNS = ["run", "task", "method", "backbone", "dataset", "label_fraction", "seed", "config", "accuracy", "f1_macro",
-           "auc", "mse_ellipticity", "mse_mass", "knn20_acc", "probe_acc", "images_per_s"]
+           "auc", "mse_ellipticity", "mse_mass", "knn20_acc", "probe_acc", "final_loss", "images_per_s"]
 
 
 def test_compare_rows_and_columns(sweep):
@@ -95,7 +95,7 @@ def test_compare_rows_and_columns(sweep):
                                   "dataset": "lens_sim", "label_fraction": 0.1, "seed": None,
                                   "config": by_run["0/linear"]["config"], "accuracy": 0.9, "f1_macro": 0.85,
                                   "auc": 0.97, "mse_ellipticity": None, "mse_mass": None, "knn20_acc": 0.8,
-                                  "probe_acc": None,
+                                  "probe_acc": None, "final_loss": None,
                                   "images_per_s": 812.5}  # throughput of the run that made its backbone.pt
     assert len({r["config"] for r in rows}) == 5  # no two runs differ only in their seed
     assert (by_run["0/finetune"]["mse_mass"], by_run["0/finetune"]["mse_ellipticity"]) == (0.25, 0.01)
@@ -117,7 +117,7 @@ def test_compare_writes_csv_and_markdown(sweep, tmp_path):
     assert lines[0] == "| " + " | ".join(COLUMNS) + " |"
     finetune = next(r for r in rows if r["run"] == "0/finetune")
     assert (f"| 0/finetune | finetune | simclr | resnet15 | lens_sim |  |  | {finetune['config']} | 0.9500 | 0.9000 | "
-            "0.9900 | 0.0100 | 0.2500 |  |  | 812.5000 |") in lines
+            "0.9900 | 0.0100 | 0.2500 |  |  |  | 812.5000 |") in lines
     assert len(lines) == 2 + 5  # no configuration with two seeds: no mean ± std table
 
 

@@ -118,6 +118,14 @@ def test_force_applies_a_new_lr_to_the_restored_optimizer(tmp_path, cache_dir):
 def test_extend_a_downstream_run_keeps_the_first_segments_model_and_metrics(tmp_path, cache_dir):
     run_dir = tmp_path / "sup"
     base = [*TINY, *tiny_data("lens_sim", cache_dir), "task=supervised", "task.max_epochs=1", f"run_dir={run_dir}"]
+    TASKS["supervised"](compose_cfg(base))  # keep_last=false: last.ckpt removed at the clean end
+    outputs = _files(run_dir)
+    with pytest.raises(ConfigError, match="keep_last=true"):
+        TASKS["supervised"](compose_cfg([*base, "resume=extend", "task.max_epochs=2"]))
+    assert _files(run_dir) == outputs  # the refusal writes nothing
+
+    base = [*base[:-1], f"run_dir={tmp_path / 'kept'}", "keep_last=true"]
+    run_dir = tmp_path / "kept"
     TASKS["supervised"](compose_cfg(base))
     first_metrics = json.loads((run_dir / "metrics.json").read_text())
     TASKS["supervised"](compose_cfg([*base, "resume=extend", "task.max_epochs=2"]))

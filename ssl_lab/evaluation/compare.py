@@ -5,6 +5,8 @@ Every directory under <dir> holding metrics.json and/or summary.json is a run (s
 — pretrain/, linear/, finetune/, joint/, evaluate/ — gets its own row). method/backbone/dataset/task come from
 metrics.json, else summary.json, else the run's config.yaml; the seed from config.yaml. images_per_s is the
 pretraining throughput: a downstream stage without its own takes it from its sibling pretrain/summary.json.
+A pretraining run has none of the downstream metrics, so its row shows what its summary.json measured: final_loss
+and wall_time_s (columns that appear once some pretraining run has them; a table of downstream runs is unchanged).
 Runs that differ only in their seed form one configuration (`ssl_lab.evaluation.seed_groups`), reported as
 mean ± std in comparison_mean.csv and, when some configuration has two seeds or more, in comparison.md.
 """
@@ -33,6 +35,8 @@ SKIP_DIRS = {"logs", "checkpoints", "plots", "wandb", "tb", "lightning_logs"}
 MEAN_CSV = "comparison_mean.csv"
 KNN_DEFAULT_K = 20  # what task=evaluate used before metrics.json named k
 _KNN_KEY = re.compile(r"^k(\d+)$")
+# summary.json keys of a pretraining run shown as metrics; a downstream run's own wall time stays in its report
+PRETRAIN_METRICS = ("final_loss", "wall_time_s")
 
 
 class Comparison(NamedTuple):
@@ -118,6 +122,8 @@ def _row(root: Path, run: Path) -> tuple[dict[str, Any], dict[str, Any], dict[st
     for k, acc in _knn(run, merged).items():
         row[f"knn{k}_acc"] = acc
     row["probe_acc"] = _get(merged, "probe", "accuracy")
+    if row["task"] == "pretrain":
+        row.update({key: merged.get(key) for key in PRETRAIN_METRICS})
     speed = merged.get("images_per_s")
     if speed is None and merged.get("pretrained"):  # the pretraining run whose backbone.pt this run loaded
         speed = _load(Path(merged["pretrained"]).parent / "summary.json", json.load).get("images_per_s")
@@ -139,7 +145,8 @@ def build_comparison(root) -> Comparison:
         row["config"] = key[:8]
     targets = sorted({k for row in rows for k in row if k.startswith("mse_")})
     knn = sorted({k for row in rows for k in row if re.fullmatch(r"knn\d+_acc", k)}, key=lambda c: int(c[3:-4]))
-    metrics = ["accuracy", "f1_macro", "auc", *targets, *knn, "probe_acc", "images_per_s"]
+    pretrain = [m for m in PRETRAIN_METRICS if any(row.get(m) is not None for row in rows)]
+    metrics = ["accuracy", "f1_macro", "auc", *targets, *knn, "probe_acc", *pretrain, "images_per_s"]
     columns = [*ID_COLUMNS, *RUN_COLUMNS, *metrics]
     rows = [{c: row.get(c) for c in columns} for row in rows]
     mean_columns, mean_rows = aggregate(rows, ids, metrics)
@@ -148,7 +155,8 @@ def build_comparison(root) -> Comparison:
 
 def build_table(root) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows): run, task, method, backbone, dataset, label_fraction, seed, config, accuracy, f1_macro, auc,
-    mse_<target>..., knn<k>_acc... (by k), probe_acc, images_per_s; a value a run does not have is None."""
+    mse_<target>..., knn<k>_acc... (by k), probe_acc, final_loss and wall_time_s (when some pretraining run has
+    them), images_per_s; a value a run does not have is None."""
     comparison = build_comparison(root)
     return comparison.columns, comparison.rows
 

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-RUN_KEYS = ("seed", "run_name", "run_dir", "resume", "pretrained")  # top-level keys that name a run, not a config
+# top-level keys that name a run, not a config
+RUN_KEYS = ("seed", "run_name", "method_slot", "run_dir", "resume", "pretrained")
 IDENTITY_COLUMNS = ("task", "method", "backbone", "dataset", "label_fraction")
 # a sweep's job number (`3_pretrain_...`, `3`) or run_name's timestamp (`2024-05-01_12-00-00-123456_...`)
 _JOB_PREFIX = re.compile(r"^(\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(-\d+)?|\d+)(_|$)")

@@ -13,7 +13,9 @@ from ssl_lab.schema import check_config
 from ssl_lab.tasks.common import resolve_run_dir
 from ssl_lab.tasks.evaluate import evaluate
 from ssl_lab.tasks.finetune import train_heads
+from ssl_lab.tasks.length import apply_typed_length
 from ssl_lab.tasks.linear import linear_probe
+from ssl_lab.tasks.lr_range import check_lr_find
 from ssl_lab.tasks.pipeline import pipeline
 from ssl_lab.tasks.pretrain import pretrain
 
@@ -25,6 +27,7 @@ def one_process_per_run_dir(task: Task) -> Task:
     the lock, resume=auto checks the request against the run's saved config (ssl_lab.resume)."""
     @functools.wraps(task)
     def locked(cfg: DictConfig) -> dict[str, Any]:
+        check_lr_find(cfg.task)  # task.lr_find=true where no range test runs: refused before anything is done
         run_dir = resolve_run_dir(cfg)
         with hold(run_dir):
             return task(continued_config(cfg, run_dir))
@@ -54,7 +57,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the task the config names and return its summary (the metrics a sweep can optimise). With resume=auto
     the run's saved config names it: `run.py run_dir=R resume=auto` needs no other argument."""
     check_config(cfg)  # types, finiteness and ranges of every value, before the run directory is claimed
-    continued = continued_config(cfg, resolve_run_dir(cfg), command_line_overrides())
+    cfg, overrides = apply_typed_length(cfg, command_line_overrides())  # trainer.max_epochs in every task
+    continued = continued_config(cfg, resolve_run_dir(cfg), overrides)
     if continued is not cfg:
         check_config(continued)  # what a resumed run takes from its saved config, and the overrides it changes
     cfg = continued

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
@@ -15,6 +14,7 @@ from ssl_lab.artifacts import load_backbone_file
 from ssl_lab.backbones import backbone_from_meta
 from ssl_lab.config import view_size
 from ssl_lab.errors import ConfigError
+from ssl_lab.tasks.common import build_cfg_backbone
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def load_backbone(cfg: DictConfig, datamodule: Any, require_pretrained: bool) ->
                 "backbone.pt>, or pretrained=random for a random-initialised baseline."
             )
         size = view_size(cfg, datamodule.image_shape)
-        backbone = instantiate(cfg.backbone, image_size=size)
+        backbone = build_cfg_backbone(cfg, size)
         return BackboneSource(backbone, size, datamodule.mean, datamodule.std, None, backbone.meta())
     payload = load_backbone_file(choice)
     meta = payload["meta"]

@@ -12,12 +12,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_lab.artifacts import atomic_write
-from ssl_lab.callbacks import StepProgressBar
+from ssl_lab.callbacks import RunPlan, SpeedMeter, StepProgressBar
 from ssl_lab.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from ssl_lab.data.summary_table import data_table
 from ssl_lab.errors import ConfigError
 from ssl_lab.inspect import startup_check
 from ssl_lab.preemption import read_marker
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule`.*")
 # A resumed run writes into its own checkpoints folder by design; claim_run_dir has already refused another run's.
 warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+# Pretraining has no validation loop by design (the val split serves the downstream tasks).
+warnings.filterwarnings("ignore", message=r".*You passed in a `val_dataloader` but have no `validation_step`.*")
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg).lower()  # Lightning's tip to install a cloud logger, every run
 
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.json", "pipeline.json", "backbone.pt", "checkpoints")
 # what a run writes only once it has finished: a resume=auto start without a checkpoint would overwrite them
@@ -68,9 +75,9 @@ def claim_run_dir(run_dir: Path, resume: str | None, config_hash: str | None = N
         finished = [m for m in FINISHED_MARKERS if (run_dir / m).exists()]
         if finished and rank_zero_only.rank == 0:
             raise ConfigError(f"resume={resume}: {run_dir} holds a finished run ({', '.join(finished)}) but no "
-                              f"{LAST_CKPT} to continue from (deleted?); starting it again would overwrite its "
-                              "outputs, so nothing was written. Pass a new run_name (or run_dir), or put the "
-                              "checkpoint back.")
+                              f"{LAST_CKPT} to continue from (deleted? a downstream run removes it at a clean end "
+                              "unless keep_last=true); starting it again would overwrite its outputs, so nothing "
+                              "was written. Pass a new run_name (or run_dir), or put the checkpoint back.")
         log.info("resume=%s: no %s yet, starting fresh", resume, last)
         return None
     marker = read_marker(last.parent)
@@ -103,6 +110,34 @@ def last_checkpoint(run_dir: Path) -> ModelCheckpoint:
                            save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
 
 
+def build_cfg_backbone(cfg: DictConfig, size: int) -> Any:
+    """cfg.backbone at view size `size`, with `small_stem: auto` decided for the device this run uses (not the one
+    the machine has), logged with its reason."""
+    from ssl_lab.backbones import choose_small_stem
+    from ssl_lab.speed import uses_cuda
+
+    if cfg.backbone.get("small_stem") != "auto" or not str(cfg.backbone.name).startswith("resnet"):
+        return instantiate(cfg.backbone, image_size=size)
+    stem, why = choose_small_stem(cfg.backbone.name, int(cfg.backbone.in_chans), size,
+                                  on_gpu=uses_cuda(cfg.accelerator.accelerator))
+    log.info("backbone.small_stem=auto -> %s: %s", str(stem).lower(), why)
+    return instantiate(cfg.backbone, image_size=size, small_stem=stem)
+
+
+def auto_choices(cfg: DictConfig, backbone: Any) -> dict[str, Any]:
+    """What `auto` options resolved to in the built backbone, by dotted key, for the saved config: a resumed run
+    then rebuilds the same architecture on any machine (ssl_lab.resume.RESOLVED_AUTO lists these keys)."""
+    if cfg.backbone.get("small_stem") == "auto" and hasattr(backbone, "small_stem"):
+        return {"backbone.small_stem": bool(backbone.small_stem)}
+    return {}
+
+
+def describe(cfg: DictConfig) -> str:
+    """What a run is, for its first line: task | method (pretrained with, or scratch) | backbone | dataset."""
+    slot = cfg.get("method_slot") or cfg.method.name
+    return f"{cfg.task.name} | {slot} | {cfg.backbone.name} | {cfg.dataset.name}"
+
+
 def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return str(precision)
@@ -125,7 +160,14 @@ def trainer_kwargs(cfg: DictConfig, precision: str, **overrides: Any) -> dict[st
     # on the model (ssl_lab.speed), not the Trainer.
     if uses_cuda(acc.accelerator) and not kwargs.get("deterministic"):
         kwargs["benchmark"] = True
-    callbacks = list(overrides.pop("callbacks", None) or [])
+    callbacks = [*(overrides.pop("callbacks", None) or []), RunPlan(describe(cfg))]
+    if not any(isinstance(c, SpeedMeter) for c in callbacks):
+        callbacks.append(SpeedMeter())  # train/images_per_s on every logging step, in every task
+    monitored = any(isinstance(c, LearningRateMonitor) for c in callbacks)
+    if not monitored and overrides.get("logger", True) is not False and targets(cfg.get("logger")):
+        # the lr of every parameter group (named: backbone / head downstream) on every logging step; Lightning's
+        # monitor refuses a Trainer without a logger
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs.update(overrides)
     if kwargs.get("enable_progress_bar", True):
         # The bar reads the loss (a host sync) every time it redraws: on a GPU, redraw only when metrics are
@@ -136,13 +178,20 @@ def trainer_kwargs(cfg: DictConfig, precision: str, **overrides: Any) -> dict[st
     return kwargs
 
 
-def save_config(cfg: DictConfig, run_dir: Path, precision: str, scale: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
+def save_config(cfg: DictConfig, run_dir: Path, precision: str, scale: dict[str, Any] | None = None,
+                resolved: dict[str, Any] | None = None) -> dict[str, Any]:
     """The resolved config, with what `auto` resolved to, as the run actually used it (rank zero writes it).
 
-    `scale`: the world size, global batch and learning-rate rule of a pretraining run, with the lr it gave."""
+    `scale`: the world size, global batch and learning-rate rule of a pretraining run, with the lr it gave;
+    `resolved`: other `auto` choices by dotted key (backbone.small_stem)."""
     saved = OmegaConf.to_container(cfg, resolve=True)
     saved["accelerator"]["precision"] = precision
+    for key, value in (resolved or {}).items():
+        node = saved
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
     if scale is not None:
         saved["scale"] = dict(scale)
     saved["run_dir"] = str(run_dir)
@@ -164,8 +213,10 @@ def save_config(cfg: DictConfig, run_dir: Path, precision: str, scale: dict[str,
 
 def config_hash(cfg: DictConfig) -> str:
     """Same experiment, same hash: the run's name, folder and resume flag are left out."""
+    from ssl_lab.resume import NOT_COMPARED
+
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run_name", "run_dir", "resume", "scale"):
+    for key in NOT_COMPARED:
         data.pop(key, None)
     if "accelerator" in data:  # `auto` and what it resolved to (the saved config's value) are the same run
         data["accelerator"]["precision"] = resolve_precision(str(data["accelerator"].get("precision", "auto")))
@@ -187,10 +238,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def one_console() -> None:
-    """Under Hydra the root logger already prints and files every record; Lightning's own handler would double it."""
+    """Under Hydra the root logger already prints and files every record; Lightning's own handlers (on `lightning`
+    itself, which still propagates, and on its subpackages) would print each of them a second time."""
     if HydraConfig.initialized():
-        for name in ("lightning.pytorch", "lightning.fabric"):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).handlers.clear()
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        if _not_an_advert not in rank_zero.filters:
+            rank_zero.addFilter(_not_an_advert)
 
 
 def labelled_datamodule(cfg: DictConfig) -> Any:
@@ -198,6 +253,6 @@ def labelled_datamodule(cfg: DictConfig) -> Any:
     datamodule = instantiate(cfg.dataset, labelled=True)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    log.info("labelled data: %s", datamodule.summary())
+    log.info("labelled data:\n%s", data_table(datamodule.summary()))
     startup_check(datamodule)
     return datamodule

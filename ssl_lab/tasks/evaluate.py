@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     plots = []
     for method in task.embed:
         xy = embed_2d(sub_x, method=method, seed=cfg.seed)
-        plots.append(plot_embedding(xy, sub_y, dm.class_names, f"{method.upper()} of test features",
+        plots.append(plot_embedding(xy, sub_y, dm.class_names, f"{run_dir.name}: {method.upper()} of test features",
                                     run_dir / f"embedding_{method}.png"))
 
     metrics = {**base_summary(run), "task": "evaluate", "knn": knn, "probe": probe, "kmeans": kmeans,

@@ -28,6 +28,7 @@ from ssl_lab.tasks.common import (LAST_CKPT, build_loggers, config_hash, last_ch
 from ssl_lab.tasks.fitting import CheckpointOnDataFailure, bad_sample_counts, fit
 from ssl_lab.tasks.labelled_run import (base_summary, export_model, finish_labelled_run, save_run_config,
                                         start_labelled_run)
+from ssl_lab.tasks.lr_range import range_test
 from ssl_lab.tasks.outputs import collect
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,11 @@ def selection_callbacks(cfg: DictConfig, run_dir: Path, has_val: bool
                     "dataset.val_fraction > 0 to score the best epoch's)")
         return None, []
     monitor, mode = selection_metric(cfg.task.objective)
+    # weights only: the best epoch is read back for the test split, never trained on from (last.ckpt resumes), so
+    # its optimizer moments would only triple the file (0.5 GB for a VGG-11 with the conv_mlp head)
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,
                            save_top_k=1, save_last=False, enable_version_counter=False,
-                           auto_insert_metric_name=False)
+                           auto_insert_metric_name=False, save_weights_only=True)
     stop = [EarlyStopping(monitor=monitor, mode=mode, patience=patience)] if patience is not None else []
     return best, stop
 
@@ -96,6 +99,7 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(saved)
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=loggers or False,
                          **trainer_kwargs(cfg, precision, callbacks=callbacks, max_epochs=task.max_epochs))
+    lr_find = range_test(trainer, model, datamodule, run_dir, task, ckpt_path)  # task.lr_find: sets the lrs
     fit(trainer, model, datamodule, ckpt_path, saver)  # a bad sample or dead worker: checkpoint, then one line
     if trainer.is_global_zero:
         clear_marker(run_dir / "checkpoints")  # finished: a later start of this run is not a continuation
@@ -104,6 +108,7 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         **base_summary(run), "epochs": int(trainer.current_epoch),
         "speed": {**fast, "optimizer": optimizer_impl(trainer.optimizers[0] if trainer.optimizers else None)},
         "selected": _restore_best(model, best), "bad_samples": bad_sample_counts(datamodule),
+        **({"lr_find": lr_find} if lr_find else {}),  # the range test's suggestion and the lrs it applied
     }
     if not trainer.is_global_zero:
         return summary
@@ -113,11 +118,26 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
     export_model(run, model.head, head_spec, {"selected": summary["selected"]})
     config_summary = {"task": task.name, "objective": task.objective, "backbone": cfg.backbone.name,
                       "pretrained": source.pretrained or "random init", "dataset": cfg.dataset.name,
-                      "head": task.head, "backbone_lr": task.backbone_lr, "head_lr": task.head_lr,
+                      "head": task.head, "backbone_lr": model.backbone_lr, "head_lr": model.head_lr,
                       "freeze_backbone": task.freeze_backbone, "epochs": task.max_epochs,
                       "early_stopping": task.get("early_stopping"), "label_fraction": summary["label_fraction"],
                       "selected": summary["selected"]}
-    return finish_labelled_run(run, summary, preds, config_summary, loggers)
+    result = finish_labelled_run(run, summary, preds, config_summary, loggers,
+                                 extra_plots=[run_dir / lr_find["plot"]] if lr_find else ())
+    drop_last_checkpoint(run_dir, keep=bool(cfg.get("keep_last", False)))
+    return result
+
+
+def drop_last_checkpoint(run_dir: Path, keep: bool) -> None:
+    """A finished downstream run needs its best checkpoint and model.pt, not the last epoch's full training state
+    (weights + optimizer moments: 0.5 GB for a VGG-11): removed at a clean end unless keep_last=true."""
+    last = run_dir / LAST_CKPT
+    if keep or not last.is_file():
+        return
+    size = last.stat().st_size
+    last.unlink()
+    log.info("removed %s (%.0f MB) at the clean end: model.pt and checkpoints/best.ckpt hold the result; "
+             "keep_last=true keeps it (resume=extend needs it)", last, size / 2**20)
 
 
 def _restore_best(model: pl.LightningModule, best: ModelCheckpoint | None) -> dict[str, Any]:

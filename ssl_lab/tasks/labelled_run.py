@@ -23,8 +23,8 @@ from ssl_lab.loggers import publish
 from ssl_lab.model_file import save_model_file
 from ssl_lab.segments import read_segments
 from ssl_lab.tasks.backbone_source import BackboneSource, load_backbone
-from ssl_lab.tasks.common import (claim_run_dir, config_hash, labelled_datamodule, one_console, resolve_run_dir,
-                                  save_config)
+from ssl_lab.tasks.common import (auto_choices, claim_run_dir, config_hash, labelled_datamodule, one_console,
+                                  resolve_run_dir, save_config)
 from ssl_lab.tasks.outputs import test_metrics, write_outputs
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def start_labelled_run(cfg: DictConfig, require_pretrained: bool, resumable: boo
 
 def save_run_config(run: LabelledRun, precision: str) -> dict[str, Any]:
     """The first files of the run, once every check has passed: config.yaml and splits.json."""
-    saved = save_config(run.cfg, run.run_dir, precision)
+    saved = save_config(run.cfg, run.run_dir, precision, resolved=auto_choices(run.cfg, run.source.backbone))
     write_splits(run.run_dir, run.datamodule)
     return saved
 

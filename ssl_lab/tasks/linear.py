@@ -101,7 +101,7 @@ def linear_probe(cfg: DictConfig) -> dict[str, Any]:
     preds = predict(fit.head, feats["test"], obj)
     export_model(run, fit.head, {"kind": "probe", "in_features": int(source.backbone.num_features),
                                  "n_out": obj.n_out}, {"probe": fit.choice})
-    plots = [plot_epoch_curves(fit.history, run.run_dir / "curves.png")] if fit.history else []
+    plots = [plot_epoch_curves(fit.history, run.run_dir / "curves.png", run.run_dir.name)] if fit.history else []
     config_summary = {"task": task.name, "objective": objective, "backbone": cfg.backbone.name,
                       "pretrained": source.pretrained, "dataset": cfg.dataset.name, "solver": task.solver,
                       "lrs": lrs if task.solver == "sgd" else None, "weight_decays": weight_decays,

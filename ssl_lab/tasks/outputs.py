@@ -45,13 +45,15 @@ def write_outputs(run_dir: Path, title: str, config_summary: dict[str, Any], met
     plots: list[Path] = list(extra_plots)
     logs = sorted(run_dir.glob("logs/version_*/metrics.csv"))
     if logs and not any(Path(p).name == "curves.png" for p in plots):
-        plots.append(plot_curves(logs, run_dir / "curves.png"))
+        plots.append(plot_curves(logs, run_dir / "curves.png", run_dir.name))
     test = metrics.get("test", {})
     if "confusion_matrix" in test:
-        plots.append(plot_confusion(test["confusion_matrix"], class_names, run_dir / "confusion_matrix.png"))
-        plots.append(plot_roc(preds["probs"], preds["y"], class_names, run_dir / "roc.png"))
+        plots.append(plot_confusion(test["confusion_matrix"], class_names, run_dir / "confusion_matrix.png",
+                                    run_dir.name))
+        plots.append(plot_roc(preds["probs"], preds["y"], class_names, run_dir / "roc.png", run_dir.name))
     if "pred" in preds:
-        plots.append(plot_pred_vs_true(preds["pred"], preds["targets"], target_names, run_dir / "pred_vs_true.png"))
+        plots.append(plot_pred_vs_true(preds["pred"], preds["targets"], target_names, run_dir / "pred_vs_true.png",
+                                       run_dir.name))
     plots = [p for p in plots if p is not None]
     write_report(run_dir, title, config_summary, metrics, plots)
     return plots

@@ -15,6 +15,7 @@ from ssl_lab.callbacks import BackboneExport, SpeedMeter
 from ssl_lab.checkpoint_io import prepare_resume
 from ssl_lab.config import validate, view_size
 from ssl_lab.data.splits import write_splits
+from ssl_lab.data.summary_table import data_table
 from ssl_lab.evaluation.plots import plot_curves
 from ssl_lab.evaluation.report import write_report
 from ssl_lab.guards import build_guard
@@ -23,9 +24,21 @@ from ssl_lab.optim import scale_lr
 from ssl_lab.preemption import PreemptionCheckpoint, clear_marker
 from ssl_lab.segments import read_segments
 from ssl_lab.speed import apply_speed_options, optimizer_impl
-from ssl_lab.tasks.common import (LAST_CKPT, build_loggers, claim_run_dir, config_hash, last_checkpoint,
-                                  one_console, resolve_precision, resolve_run_dir, save_config, targets,
-                                  trainer_kwargs)
+from ssl_lab.tasks.common import (
+    LAST_CKPT,
+    auto_choices,
+    build_cfg_backbone,
+    build_loggers,
+    claim_run_dir,
+    config_hash,
+    last_checkpoint,
+    one_console,
+    resolve_precision,
+    resolve_run_dir,
+    save_config,
+    targets,
+    trainer_kwargs,
+)
 from ssl_lab.tasks.fitting import CheckpointOnDataFailure, bad_sample_counts, fit
 
 log = logging.getLogger(__name__)
@@ -40,13 +53,13 @@ def build_pretraining(cfg: DictConfig) -> tuple[Any, pl.LightningModule, int, di
     datamodule = instantiate(cfg.dataset)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    log.info("data: %s", datamodule.summary())
+    log.info("data:\n%s", data_table(datamodule.summary()))  # the whole summary goes to summary.json
     startup_check(datamodule)  # a bounded look at the data; logs NaN/Inf, constant channels, class balance
     size = view_size(cfg, datamodule.image_shape)
     augment = instantiate(cfg.augment, size=size, _convert_="all")
     validate(cfg, datamodule, augment)
     augment.set_stats(datamodule.mean, datamodule.std)
-    backbone = instantiate(cfg.backbone, image_size=size)
+    backbone = build_cfg_backbone(cfg, size)
     model = instantiate(cfg.method, backbone=backbone, augment=augment,
                         optim=OmegaConf.to_container(cfg.optim, resolve=True))
     return datamodule, model, size, apply_speed_options(model, cfg.accelerator)  # channels_last, torch.compile
@@ -88,7 +101,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if scale["lr_scaling"] != "none":
         log.info("optim.lr_scaling=%s: lr %g -> %g for a global batch of %d (base %d)", scale["lr_scaling"],
                  scale["base_lr"], scale["lr"], global_batch, scale["base_batch_size"])
-    saved = save_config(cfg, run_dir, precision, scale=scale)
+    saved = save_config(cfg, run_dir, precision, scale=scale,
+                        resolved=auto_choices(cfg, model.backbone))
     write_splits(run_dir, datamodule)  # which images pretraining fits on: downstream runs check their test split
     for logger in loggers:
         logger.log_hyperparams(saved)
@@ -116,7 +130,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", summary)
         logs = sorted(run_dir.glob("logs/version_*/metrics.csv"))
-        plots = [plot_curves(logs, run_dir / "curves.png")] if logs else []
+        plots = [plot_curves(logs, run_dir / "curves.png", run_dir.name)] if logs else []
         report = {k: v for k, v in summary.items() if k != "data"}
         write_report(run_dir, f"pretrain: {cfg.method.name}, {cfg.backbone.name} on {cfg.dataset.name}",
                      {"method": cfg.method.name, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name,
