@@ -35,6 +35,19 @@ def uses_cuda(accelerator: str) -> bool:
     return str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def check_device(accelerator: str, resume: str | None = None) -> None:
+    """accelerator=gpu where torch sees no CUDA device: one line before any folder is made (Lightning would stop
+    with a traceback, after the run directory exists)."""
+    if str(accelerator) not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    moved = ("; a run started on a GPU continues on the CPU with resume=force accelerator=cpu"
+             if resume in ("auto", "extend") else "")
+    raise ConfigError(f"accelerator.accelerator={accelerator}, but torch {torch.__version__} ({build}) sees no CUDA "
+                      f"device here: use accelerator=cpu (or accelerator=auto, which takes a GPU when there is one)"
+                      f"{moved}.")
+
+
 def is_conv_net(module: nn.Module) -> bool:
     """A network of convolutions (ResNet, VGG), not a ViT whose only convolution is its patch embedding."""
     return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1

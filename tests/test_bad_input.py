@@ -358,10 +358,10 @@ def test_non_finite_pixels_never_reach_training(tmp_path, bad, policy, read):
 # Through the real command line: one line on stderr, exit status 2, no traceback, and no file written (not even a
 # run.log: ssl_lab writes it once a run has passed its checks, ssl_lab.run_log).
 
-def _cli_fails(args, tmp_path) -> str:
+def _cli_fails(args, tmp_path, env=None) -> str:
     """Runs in tmp_path (the inputs are there); the one line of the error is returned."""
     before = set(tmp_path.rglob("*"))
-    out = run_cli(args, cwd=tmp_path)
+    out = run_cli(args, cwd=tmp_path, env=env)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.count("ssl_lab: error:") == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     line = next(x for x in out.stderr.splitlines() if x.startswith("ssl_lab: error:"))
@@ -369,6 +369,13 @@ def _cli_fails(args, tmp_path) -> str:
     assert not new, new
     assert not [p for p in (tmp_path / "runs").glob("*")] if (tmp_path / "runs").exists() else True  # no folder
     return line
+
+
+def test_cli_gpu_asked_where_there_is_none(tmp_path, cache_dir):
+    """Lightning's own refusal came after the run folder existed, as a traceback."""
+    args = [*[a for a in TINY if a != "accelerator=cpu"], *tiny_data("lens_sim", cache_dir), "accelerator=gpu"]
+    line = _cli_fails(args, tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, even on a machine with one
+    assert "accelerator.accelerator=gpu" in line and "sees no CUDA device" in line and "accelerator=cpu" in line
 
 
 def test_cli_text_file_as_hdf5(tmp_path):

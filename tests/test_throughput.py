@@ -279,21 +279,21 @@ def test_compile_true_trains_like_eager_on_a_tiny_cpu_run(one_thread, tmp_path, 
     from torch._dynamo.utils import counters
 
     # Inductor's precompiled header is 150 MB per compiler flag set, kept in /tmp for good; this test needs none.
-    monkeypatch.setattr(inductor_config, "cpp_cache_precompile_headers", False)
+    # (config.patch restores the option; monkeypatch.setattr's undo deletes it from torch's config module)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-
     runs = []
     graphs = counters["stats"]["unique_graphs"]
-    for compile_opt in (False, True):
-        torch.manual_seed(0)
-        model = SimCLR("simclr", TwoConvs(), Augment("minimal", {"hflip": None}, size=8),
-                       {"name": "adam", "lr": 1e-2}, proj_hidden_dims=[8], proj_output_dim=4)
-        start = model.backbone.conv2.weight.detach().clone()
-        record = speed.apply_speed_options(model, {"accelerator": "cpu", "compile": compile_opt})
-        assert record["compiled"] == (["backbone"] if compile_opt else [])
-        log = LossLog()
-        _fit(model, callbacks=[log])
-        runs.append((log.losses, model.backbone.conv2.weight.detach() - start))
+    with inductor_config.patch(cpp_cache_precompile_headers=False):
+        for compile_opt in (False, True):
+            torch.manual_seed(0)
+            model = SimCLR("simclr", TwoConvs(), Augment("minimal", {"hflip": None}, size=8),
+                           {"name": "adam", "lr": 1e-2}, proj_hidden_dims=[8], proj_output_dim=4)
+            start = model.backbone.conv2.weight.detach().clone()
+            record = speed.apply_speed_options(model, {"accelerator": "cpu", "compile": compile_opt})
+            assert record["compiled"] == (["backbone"] if compile_opt else [])
+            log = LossLog()
+            _fit(model, callbacks=[log])
+            runs.append((log.losses, model.backbone.conv2.weight.detach() - start))
     assert counters["stats"]["unique_graphs"] > graphs  # Dynamo really captured the backbone
     (eager_losses, eager_step), (compiled_losses, compiled_step) = runs
     assert compiled_losses[0] == pytest.approx(eager_losses[0], rel=1e-3)  # fused kernels round differently

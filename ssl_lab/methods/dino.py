@@ -189,7 +189,10 @@ class DINO(MomentumMixin, SSLMethod):
         loss = dino_loss(student, list(teacher.chunk(2)), self.center, self.student_temp, temp)
         if self.training:
             self.update_center(teacher)  # after the loss: the loss used the centre from before this step
-        return loss, {"teacher_temp": loss.new_tensor(temp)}
+        return loss, {}  # the temperature is a host float: logged on logging steps (scheduled_values)
+
+    def scheduled_values(self) -> dict[str, float]:
+        return {**super().scheduled_values(), "teacher_temp": self.current_teacher_temp()}
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from ssl_lab.callbacks import reads_values_now
 from ssl_lab.errors import ConfigError
 
 
@@ -82,4 +83,12 @@ class MomentumMixin(ABC):
         self.tau = self.current_tau()
         for online, target in self.momentum_pairs():
             ema_update(online, target, self.tau)
-        self.log("train/tau", self.tau, on_step=True, on_epoch=False, batch_size=1)
+        # Logged on logging steps only: Lightning copies a logged Python float to the device, and a blocking
+        # host-to-device copy is a host sync on a GPU (tests/test_gpu.py checks none happens in between).
+        if reads_values_now(self.trainer):
+            for name, value in self.scheduled_values().items():
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
+
+    def scheduled_values(self) -> dict[str, float]:
+        """Values the schedules set for this step (host floats), for the log."""
+        return {"tau": self.tau}

@@ -10,6 +10,7 @@ from ssl_lab.errors import ConfigError
 from ssl_lab.resume import continued_config
 from ssl_lab.run_lock import hold
 from ssl_lab.schema import check_config
+from ssl_lab.speed import check_device
 from ssl_lab.tasks.common import resolve_run_dir
 from ssl_lab.tasks.evaluate import evaluate
 from ssl_lab.tasks.finetune import train_heads
@@ -62,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if continued is not cfg:
         check_config(continued)  # what a resumed run takes from its saved config, and the overrides it changes
     cfg = continued
+    check_device(cfg.accelerator.accelerator, cfg.get("resume"))
     task = TASKS.get(cfg.task.name)
     if task is None:
         raise ConfigError(f"task={cfg.task.name} is not a known task; choose one of: {', '.join(TASKS)}.")
