@@ -74,7 +74,12 @@ CASES = {
     "resnet18_rgb": Case("resnet18", "simclr", "simclr_rgb", "adam", 3, "uint8", 96, 256),
     "resnet15_jets": Case("resnet15", "simclr", "physics", "adam", 8, "float32", 125, 256),
     "vit_s_mae": Case("vit_small", "mae", "minimal", "adamw", 3, "uint8", 96, 256),
+    # a published anchor: stable-pretraining's ViT-S/16 Barlow Twins at 224 px, batch 256, bf16 on one H200
+    "vit_s16_barlow": Case("vit_small", "barlow", "simclr_rgb", "adamw", 3, "uint8", 224, 256),
 }
+# samples/s the anchor reports for its case (same model, views, batch and precision): GPU and CPU augmentation
+ANCHORS = {"vit_s16_barlow": {"source": "stable-pretraining, ViT-S/16 Barlow Twins, 224 px, batch 256, bf16, 1x H200",
+                              "gpu_augmentation": 871.0, "cpu_augmentation": 342.0}}
 QUICK = {"image_size": 32, "batch_size": 4, "steps": 2, "warmup": 1}
 QUICK_VIT_DEPTH = 2  # --quick: a 2-block ViT-S, so a CPU smoke run takes seconds
 PATHS = ("a_ceiling", "b_memory", "b_h5", "c_reference")
@@ -266,8 +271,8 @@ class Repeat:
 class StepTimer(pl.Callback):
     """Images/s over the steps after ``warmup``; CUDA is synchronised only at the two ends of the timed span."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.done, self.images = warmup, 0, 0
+    def __init__(self, warmup: int, steps: int | None = None) -> None:
+        self.warmup, self.steps, self.done, self.images = warmup, steps, 0, 0
         self.t0 = self.t1 = None
         self.host_gaps: list[float] = []
         self._end: float | None = None
@@ -286,17 +291,61 @@ class StepTimer(pl.Callback):
         if self.done == self.warmup:
             self._sync(trainer)
             self.t0 = time.perf_counter()
-        elif self.done > self.warmup:
+        elif self.done > self.warmup and self.t1 is None:
             self.images += int(batch["x"].shape[0])
+            if self.steps is not None and self.done == self.warmup + self.steps:
+                self._stop(trainer)
         self._end = time.perf_counter()
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def _stop(self, trainer) -> None:
         self._sync(trainer)
         self.t1 = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.t1 is None:
+            self._stop(trainer)
 
     @property
     def images_per_s(self) -> float:
         return self.images / (self.t1 - self.t0)
+
+
+class ProfileOneStep(pl.Callback):
+    """torch.profiler over one whole training step (forward, loss, backward, optimizer), after the timed span: the
+    ops that cost the most device time (CPU time on the CPU), top first."""
+
+    def __init__(self, at_step: int, top: int = 10) -> None:
+        self.at_step, self.n_top = at_step, top
+        self.top: list[dict[str, Any]] = []
+        self._prof: Any = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step and self._prof is None:
+            kinds = torch.profiler.ProfilerActivity
+            activities = [kinds.CPU, *([kinds.CUDA] if trainer.strategy.root_device.type == "cuda" else [])]
+            self._prof = torch.profiler.profile(activities=activities)
+            self._prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._prof is None or self.top:
+            return
+        StepTimer._sync(trainer)
+        self._prof.__exit__(None, None, None)
+        self.top = top_ops(self._prof.key_averages(), trainer.strategy.root_device.type == "cuda", self.n_top)
+
+
+def top_ops(averages: Any, cuda: bool, n: int) -> list[dict[str, Any]]:
+    """The n ops with the most self time (device time on a GPU), with their share of the step's total."""
+    def device_us(e: Any) -> float:  # torch renamed self_cuda_time_total to self_device_time_total
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    def cost(e: Any) -> float:
+        return device_us(e) if cuda else float(e.self_cpu_time_total)
+
+    total = sum(cost(e) for e in averages) or 1.0
+    ranked = sorted(averages, key=cost, reverse=True)[:n]
+    return [{"op": e.key, "calls": int(e.count), "self_ms": round(cost(e) / 1e3, 3),
+             "share": round(cost(e) / total, 4), "clock": "device" if cuda else "cpu"} for e in ranked]
 
 
 # --------------------------------------------------------------------------------------------------- one case
@@ -316,6 +365,7 @@ class Settings:
     n_samples: int
     seed: int = 0
     overrides: tuple[str, ...] = ()  # extra config overrides (--quick: a shallow ViT)
+    profile: bool = False  # (a) ceiling: one more step after the timed ones, under torch.profiler
 
 
 def compose_cfg(case: Case, s: Settings, h5: Path, in_memory: bool) -> Any:
@@ -349,7 +399,8 @@ def run_path(path: str, case: Case, s: Settings, h5: Path, images: np.ndarray) -
     cfg = compose_cfg(case, s, h5, in_memory=path != "b_h5")
     dm, model, record = build(cfg)
     device = torch.device(s.device)
-    total = s.warmup + s.steps
+    profiled = s.profile and path == "a_ceiling"
+    total = s.warmup + s.steps + int(profiled)
     if path == "a_ceiling":
         x = torch.from_numpy(images[: s.batch_size]).to(device)
         model.augment.to(device)
@@ -368,11 +419,12 @@ def run_path(path: str, case: Case, s: Settings, h5: Path, images: np.ndarray) -
         loader = dm.train_dataloader()
     if path != "c_reference":
         notes = None
-    timer = StepTimer(s.warmup)
+    timer = StepTimer(s.warmup, s.steps)
+    profiler = [ProfileOneStep(s.warmup + s.steps)] if profiled else []
     trainer = pl.Trainer(**trainer_kwargs(
         cfg, s.precision, max_steps=total, max_epochs=-1, logger=False,
         # a real run's watchers (checkpoint writing aside): the NaN/collapse guard and the preemption handler
-        callbacks=[timer, build_guard(cfg.get("guard")), PreemptionCheckpoint(h5.parent / "checkpoints")],
+        callbacks=[timer, *profiler, build_guard(cfg.get("guard")), PreemptionCheckpoint(h5.parent / "checkpoints")],
         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0))
     if s.device == "cuda":
         torch.cuda.empty_cache()
@@ -387,6 +439,8 @@ def run_path(path: str, case: Case, s: Settings, h5: Path, images: np.ndarray) -
     }
     if notes is not None:
         out["reference_ops"] = notes
+    if profiled:
+        out["profile_top_ops"] = profiler[0].top
     _shutdown(loader)
     del trainer, model, dm, loader
     gc.collect()
@@ -424,7 +478,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
                  compile=args.compile == "on", channels_last=args.channels_last,
                  workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
                  n_samples=n_samples(case, size, batch, warmup + steps, args.max_data_mb),
-                 overrides=shallow_vit if args.quick and case.backbone.startswith("vit") else ())
+                 overrides=shallow_vit if args.quick and case.backbone.startswith("vit") else (),
+                 profile=args.profile)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ssl_lab_throughput_") as tmp:
@@ -443,7 +498,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__, "lightning": pl.__version__, "load_average_1min_at_start": load,
         "torch_threads": torch.get_num_threads(),
         "results": results, "ratios": ratios, "reference_ops": results["c_reference"].pop("reference_ops"),
-        "speed": results["b_memory"]["speed"],
+        "speed": results["b_memory"]["speed"], "anchor": ANCHORS.get(name),
+        "profile_top_ops": results["a_ceiling"].pop("profile_top_ops", None),
     }
 
 
@@ -463,6 +519,14 @@ def report(run: dict[str, Any]) -> str:
     q = run["ratios"]
     lines.append(f"  b/a = {q['b_over_a']:.2f} (HDF5 {q['b_h5_over_a']:.2f})   "
                  f"b/c = {q['b_over_c']:.2f} (HDF5 {q['b_h5_over_c']:.2f})")
+    anchor = run.get("anchor")
+    if anchor:
+        b = run["results"]["b_memory"]["images_per_s"]
+        lines.append(f"  published ({anchor['source']}): {anchor['gpu_augmentation']:.0f} samples/s with GPU "
+                     f"augmentation, {anchor['cpu_augmentation']:.0f} with CPU augmentation; (b) is "
+                     f"{b / anchor['gpu_augmentation']:.2f}x the first")
+    for op in run.get("profile_top_ops") or []:
+        lines.append(f"  profile: {op['op']:<40} {op['self_ms']:>9.3f} ms ({100 * op['share']:.1f} % of the step)")
     return "\n".join(lines)
 
 
@@ -485,6 +549,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch intra-op threads in the main process (default: torch's); 1 on a shared CPU box")
     p.add_argument("--max-data-mb", type=float, default=2048, help="cap on the synthetic data set (then epochs repeat)")
     p.add_argument("--quick", action="store_true", help="tiny CPU sizes: 32 px, batch 4, 2 steps, 2-block ViT")
+    p.add_argument("--profile", action="store_true",
+                   help="(a) ceiling: profile one more step after the timed ones; its top-10 ops go in the JSON")
     p.add_argument("--out", default="throughput.json", help="JSON file for all results")
     args = p.parse_args(argv)
     names = list(CASES) if args.case == "all" else args.case.split(",")

@@ -48,6 +48,32 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.C
                           capture_output=True, text=True, timeout=600)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gpu-device", default="cuda", choices=("cuda", "cpu"),
+                     help="where the gpu-marked tests run: cuda (deselected without a GPU) or cpu (their CPU "
+                          "version, so they cannot rot where no GPU is: benchmarks/gpu_check.py --cpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """gpu tests need CUDA: without it they are deselected (counted in pytest's "N deselected"), never skipped."""
+    import torch
+
+    if config.getoption("--gpu-device") == "cpu" or torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+@pytest.fixture
+def gpu_device(request):
+    """The device a gpu-marked test runs on: cuda, or the CPU under --gpu-device=cpu."""
+    import torch
+
+    return torch.device(request.config.getoption("--gpu-device"))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "sim_cache"
