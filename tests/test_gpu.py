@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import CONF, compose_cfg, run_cli, tiny_data
-from test_guards import History, PoisonAt, assert_same, loader, simclr
+from test_guards import History, PoisonAt, assert_same, fit, simclr
 from host_reads import PerBatch, reads_counted  # noqa: F401  (reads_counted: a fixture)
 
 from ssl_lab import speed
@@ -127,12 +127,8 @@ def test_bf16_pretraining_step_for_every_method(method, gpu_device, cache_dir, t
 
 # ------------------------------------------------------------------------------- 2. fused optimizers, guard
 def fit_on(device: torch.device, model, steps: int, callbacks: list, precision: str, **kw) -> pl.Trainer:
-    """test_guards.fit, on `device` (its helper runs on the CPU only)."""
-    trainer = pl.Trainer(accelerator=accelerator(device), devices=1, precision=precision, max_steps=steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=callbacks, **kw)
-    trainer.fit(model, loader())
-    return trainer
+    """test_guards.fit, on `device`."""
+    return fit(model, steps, callbacks, accelerator=accelerator(device), precision=precision, **kw)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

@@ -74,11 +74,11 @@ def loader(n: int = 64, batch_size: int = 8) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader([{"x": xi} for xi in x], batch_size=batch_size, drop_last=True)
 
 
-def fit(model, steps: int, callbacks: list, root=None, ckpt_path=None, **kw) -> pl.Trainer:
+def fit(model, steps: int, callbacks: list, root=None, ckpt_path=None, accelerator: str = "cpu", **kw) -> pl.Trainer:
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=checkpointing,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                         default_root_dir=root, **kw)
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False,
+                         enable_checkpointing=checkpointing, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=root, **kw)
     trainer.fit(model, loader(), ckpt_path=ckpt_path, weights_only=True)
     return trainer
 
